@@ -1,0 +1,212 @@
+"""Render a Triton model repository for a set of endpoints from the templates in model_repository/.
+
+Per chat endpoint (e.g. `mistral-tiny`) five models:
+  mistral-tiny                  ensemble: preprocessing -> engine -> postprocessing
+  mistral-tiny-preprocessing    tokenizer (python)
+  mistral-tiny-engine           PyTorch engine (python) or TensorRT-LLM engine (tensorrtllm)
+  mistral-tiny-postprocessing   detokenizer (python)
+  mistral-tiny-bls              the same chain driven from Python
+and per embedding endpoint (e.g. `mistral-embed`) one python model.
+"""
+from __future__ import annotations
+
+import json
+import re
+import shutil
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+
+from plateforme.builders.atomic import atomic_directory
+from plateforme.builders.fill_template import fill_template
+
+ENGINE_KINDS = ("pytorch", "tensorrtllm")
+SUPPORTED_ARCHITECTURES = ("MistralForCausalLM", "MixtralForCausalLM", "LlamaForCausalLM")
+TOKENIZER_FILES = ("tokenizer.json", "tekken.json", "tokenizer.model.v1", "tokenizer.model.v2",
+                   "tokenizer.model.v3", "tokenizer.model.v7")
+# Triton model names end up in URLs and file names.
+NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+
+# Outputs the PyTorch engine adds to tensorrt_llm's contract, wired through the ensemble.
+_PYTORCH_EXTRA_OUTPUTS = (
+    ',\n  { name: "finish_reason" data_type: TYPE_STRING dims: [ 1 ] }'
+)
+_PYTORCH_EXTRA_OUTPUT_MAP = (
+    '      output_map { key: "finish_reason" value: "finish_reason" }\n'
+    '      output_map { key: "prefix_ids" value: "_PREFIX_IDS" }'
+)
+_PYTORCH_POSTPROCESSING_INPUT_MAP = '\n      input_map { key: "PREFIX_IDS" value: "_PREFIX_IDS" }'
+
+
+class RepositoryError(ValueError):
+    pass
+
+
+@dataclass
+class ChatEndpoint:
+    name: str
+    model_dir: Path  # HF checkpoint: weights for the PyTorch engine, and the tokenizer
+    engine: str = "pytorch"
+    engine_dir: Path | None = None  # TensorRT-LLM engine directory (engine == "tensorrtllm")
+    dtype: str = "bfloat16"
+    max_batch_size: int = 64
+    max_seq_len: int = 0  # 0: the model's own context length
+    default_max_tokens: int = 256
+    num_threads: int = 0  # 0: torch's default
+    instance_count: int = 1
+    max_attention_window_size: int = 0  # TensorRT-LLM: Mistral's sliding window; 0: not set
+
+
+@dataclass
+class EmbeddingEndpoint:
+    name: str
+    model_dir: Path
+    max_batch_size: int = 32
+    num_threads: int = 0
+
+
+def templates_root() -> Path:
+    return Path(str(resources.files("plateforme.model_repository")))
+
+
+def _check_name(name: str) -> None:
+    if not NAME_PATTERN.match(name):
+        raise RepositoryError(
+            f"endpoint name {name!r} is not a valid Triton model name (letters, digits, '_', '-', '.')"
+        )
+
+
+def _check_chat_model_dir(endpoint: ChatEndpoint) -> None:
+    model_dir = Path(endpoint.model_dir)
+    config_path = model_dir / "config.json"
+    if not config_path.is_file():
+        raise RepositoryError(f"{endpoint.name}: {model_dir} has no config.json (not an HF checkpoint)")
+    if not any((model_dir / name).exists() for name in TOKENIZER_FILES):
+        raise RepositoryError(
+            f"{endpoint.name}: no tokenizer in {model_dir} (expected one of {', '.join(TOKENIZER_FILES)})"
+        )
+    config = json.loads(config_path.read_text())
+    architectures = config.get("architectures") or []
+    if endpoint.engine == "pytorch" and not set(architectures) & set(SUPPORTED_ARCHITECTURES):
+        raise RepositoryError(
+            f"{endpoint.name}: architecture {architectures} is not supported by the PyTorch engine "
+            f"(supported: {', '.join(SUPPORTED_ARCHITECTURES)})"
+        )
+    if endpoint.engine not in ENGINE_KINDS:
+        raise RepositoryError(f"{endpoint.name}: engine must be one of {ENGINE_KINDS}")
+    if endpoint.engine == "tensorrtllm" and not (endpoint.engine_dir and Path(endpoint.engine_dir).is_dir()):
+        raise RepositoryError(f"{endpoint.name}: --engine tensorrtllm needs an existing engine directory")
+
+
+def _render_model(templates: Path, kind: str, out: Path, name: str, values: dict) -> None:
+    source = templates / kind
+    target = out / name
+    (target / "1").mkdir(parents=True)
+    text = fill_template((source / "config.pbtxt").read_text(), {"model_name": name, **values})
+    (target / "config.pbtxt").write_text(text)
+    if (source / "1" / "model.py").exists():
+        shutil.copy(source / "1" / "model.py", target / "1" / "model.py")
+
+
+def _chat_models(endpoint: ChatEndpoint) -> dict[str, tuple[str, dict]]:
+    """model name -> (template, placeholder values) for one chat endpoint."""
+    name = endpoint.name
+    tokenizer_dir = str(Path(endpoint.model_dir).absolute())
+    batch = endpoint.max_batch_size
+    pre, engine, post = f"{name}-preprocessing", f"{name}-engine", f"{name}-postprocessing"
+    pytorch = endpoint.engine == "pytorch"
+    chain = {
+        "preprocessing_model": pre,
+        "engine_model": engine,
+        "postprocessing_model": post,
+        "triton_max_batch_size": batch,
+        "engine_extra_outputs": _PYTORCH_EXTRA_OUTPUTS if pytorch else "",
+    }
+    models = {
+        pre: ("preprocessing", {
+            "triton_max_batch_size": batch,
+            "tokenizer_dir": tokenizer_dir,
+            "max_seq_len": endpoint.max_seq_len,
+            "default_max_tokens": endpoint.default_max_tokens,
+            "preprocessing_instance_count": endpoint.instance_count,
+        }),
+        post: ("postprocessing", {
+            "triton_max_batch_size": batch,
+            "tokenizer_dir": tokenizer_dir,
+            "postprocessing_instance_count": endpoint.instance_count,
+        }),
+        name: ("ensemble", {
+            **chain,
+            "engine_extra_output_map": _PYTORCH_EXTRA_OUTPUT_MAP if pytorch else "",
+            "postprocessing_extra_input_map": _PYTORCH_POSTPROCESSING_INPUT_MAP if pytorch else "",
+        }),
+        f"{name}-bls": ("tensorrt_llm_bls", {
+            **chain,
+            "tokenizer_dir": tokenizer_dir,
+            "bls_instance_count": endpoint.instance_count,
+        }),
+    }
+    if pytorch:
+        models[engine] = ("pytorch_llm", {
+            "triton_max_batch_size": batch,
+            "engine_dir": str(Path(endpoint.model_dir).absolute()),
+            "dtype": endpoint.dtype,
+            "max_seq_len": endpoint.max_seq_len,
+            "exclude_input_in_output": "true",
+            "num_threads": endpoint.num_threads,
+        })
+    else:
+        values = {
+            "triton_max_batch_size": batch,
+            "decoupled_mode": "true",
+            "engine_dir": str(Path(endpoint.engine_dir).absolute()),
+            "batching_strategy": "inflight_fused_batching",
+            "max_beam_width": 1,
+            "exclude_input_in_output": "true",
+            "tokenizer_dir": tokenizer_dir,
+            "batch_scheduler_policy": "guaranteed_no_evict",
+            "kv_cache_free_gpu_mem_fraction": "0.9",
+        }
+        if endpoint.max_attention_window_size:
+            values["max_attention_window_size"] = endpoint.max_attention_window_size
+        models[engine] = ("tensorrt_llm", values)
+    return models
+
+
+def render_repository(
+    out_dir: str | Path,
+    chat: list[ChatEndpoint],
+    embeddings: list[EmbeddingEndpoint] = (),
+) -> Path:
+    """Write the repository atomically: a failed render leaves any previous one untouched."""
+    if not chat and not embeddings:
+        raise RepositoryError("no endpoints to render")
+    names = [e.name for e in chat] + [e.name for e in embeddings]
+    duplicates = {n for n in names if names.count(n) > 1}
+    if duplicates:
+        raise RepositoryError(f"endpoint name(s) used twice: {sorted(duplicates)}")
+    for endpoint in chat:
+        _check_name(endpoint.name)
+        _check_chat_model_dir(endpoint)
+    for endpoint in embeddings:
+        _check_name(endpoint.name)
+        if not (Path(endpoint.model_dir) / "config.json").is_file():
+            raise RepositoryError(f"{endpoint.name}: {endpoint.model_dir} has no config.json")
+    templates = templates_root()
+    with atomic_directory(out_dir) as tmp:
+        for endpoint in chat:
+            for model_name, (kind, values) in _chat_models(endpoint).items():
+                _render_model(templates, kind, tmp, model_name, values)
+        for endpoint in embeddings:
+            _render_model(templates, "embedding", tmp, endpoint.name, {
+                "triton_max_batch_size": endpoint.max_batch_size,
+                "model_dir": str(Path(endpoint.model_dir).absolute()),
+                "num_threads": endpoint.num_threads,
+            })
+        manifest = {
+            "chat": {e.name: {"model_dir": str(Path(e.model_dir).absolute()), "engine": e.engine}
+                     for e in chat},
+            "embeddings": {e.name: {"model_dir": str(Path(e.model_dir).absolute())} for e in embeddings},
+        }
+        (tmp / "plateforme.json").write_text(json.dumps(manifest, indent=2) + "\n")
+    return Path(out_dir)

@@ -1,0 +1,1 @@
+from plateforme.python_backend.triton.embedding import TritonPythonModel  # noqa: F401

@@ -1,0 +1,1 @@
+from plateforme.python_backend.triton.postprocessing import TritonPythonModel  # noqa: F401

@@ -1,0 +1,1 @@
+from plateforme.python_backend.triton.preprocessing import TritonPythonModel  # noqa: F401

