@@ -1,0 +1,73 @@
+"""Grouped-query attention with optional Mistral sliding window."""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .cache import KVCache
+from .rope import apply_rotary
+
+
+def key_start(start_pos: int, window: int | None) -> int:
+    """First key position any query from ``start_pos`` on may see."""
+    return 0 if window is None else max(0, start_pos - window + 1)
+
+
+def attention_mask(
+    start_pos: int, n_tokens: int, first_key: int, window: int | None, device: torch.device
+) -> torch.Tensor | None:
+    """Boolean mask [T, L] (True = attend) for queries at ``start_pos ..`` over keys at ``first_key ..``.
+
+    Same rule as transformers' sliding-window causal mask: query i sees key j iff
+    j <= i and (no window or j > i - window). None when every key is visible.
+    """
+    if n_tokens == 1:
+        # One query at the last position: every key in [first_key, start_pos] is visible.
+        return None
+    q = torch.arange(start_pos, start_pos + n_tokens, device=device)[:, None]
+    k = torch.arange(first_key, start_pos + n_tokens, device=device)[None, :]
+    mask = k <= q
+    if window is not None:
+        mask &= k > q - window
+    return mask
+
+
+class Attention(nn.Module):
+    def __init__(self, dim: int, n_heads: int, n_kv_heads: int, head_dim: int):
+        super().__init__()
+        self.n_heads = n_heads
+        self.n_kv_heads = n_kv_heads
+        self.head_dim = head_dim
+        self.wq = nn.Linear(dim, n_heads * head_dim, bias=False)
+        self.wk = nn.Linear(dim, n_kv_heads * head_dim, bias=False)
+        self.wv = nn.Linear(dim, n_kv_heads * head_dim, bias=False)
+        self.wo = nn.Linear(n_heads * head_dim, dim, bias=False)
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        mask: torch.Tensor | None,
+        start_pos: int,
+        first_key: int,
+        cache: KVCache | None,
+        layer: int,
+    ) -> torch.Tensor:
+        """``x`` [T, dim] at positions ``start_pos ..``; attends over cached keys from ``first_key`` on."""
+        n_tokens = x.shape[0]
+        q = self.wq(x).view(n_tokens, self.n_heads, self.head_dim)
+        k = self.wk(x).view(n_tokens, self.n_kv_heads, self.head_dim)
+        v = self.wv(x).view(n_tokens, self.n_kv_heads, self.head_dim)
+        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+
+        if cache is None:
+            keys, values = k.transpose(0, 1), v.transpose(0, 1)
+        else:
+            keys, values = cache.update(layer, start_pos, k, v, first_key)
+
+        out = F.scaled_dot_product_attention(
+            q.transpose(0, 1)[None], keys[None], values[None], attn_mask=mask, enable_gqa=True
+        )
+        return self.wo(out[0].transpose(0, 1).reshape(n_tokens, self.n_heads * self.head_dim))

@@ -1,0 +1,124 @@
+"""Decoder-only transformer of the Mistral family (Mistral, Mixtral, Llama)."""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .args import ModelArgs
+from .attention import Attention, attention_mask, key_start
+from .cache import KVCache
+from .moe import MoeLayer
+from .rope import rope_cos_sin
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # Normalise in float32, cast back, then scale: the order HF uses, which matters in bf16.
+        x32 = x.float()
+        normed = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * normed.to(x.dtype)
+
+
+class FeedForward(nn.Module):
+    """SwiGLU: w1 = gate, w3 = up, w2 = down."""
+
+    def __init__(self, dim: int, hidden_dim: int):
+        super().__init__()
+        self.w1 = nn.Linear(dim, hidden_dim, bias=False)
+        self.w2 = nn.Linear(hidden_dim, dim, bias=False)
+        self.w3 = nn.Linear(dim, hidden_dim, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.w2(F.silu(self.w1(x)) * self.w3(x))
+
+
+class TransformerBlock(nn.Module):
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.attention = Attention(args.dim, args.n_heads, args.n_kv_heads, args.head_dim)
+        self.attention_norm = RMSNorm(args.dim, args.norm_eps)
+        self.ffn_norm = RMSNorm(args.dim, args.norm_eps)
+        self.feed_forward: nn.Module
+        if args.moe is not None:
+            self.feed_forward = MoeLayer(
+                experts=[FeedForward(args.dim, args.hidden_dim) for _ in range(args.moe.num_experts)],
+                gate=nn.Linear(args.dim, args.moe.num_experts, bias=False),
+                args=args.moe,
+            )
+        else:
+            self.feed_forward = FeedForward(args.dim, args.hidden_dim)
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        mask: torch.Tensor | None,
+        start_pos: int,
+        first_key: int,
+        cache: KVCache | None,
+        layer: int,
+    ) -> torch.Tensor:
+        h = x + self.attention(self.attention_norm(x), cos, sin, mask, start_pos, first_key, cache, layer)
+        return h + self.feed_forward(self.ffn_norm(h))
+
+
+class Transformer(nn.Module):
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.args = args
+        self.tok_embeddings = nn.Embedding(args.vocab_size, args.dim)
+        self.layers = nn.ModuleList(TransformerBlock(args) for _ in range(args.n_layers))
+        self.norm = RMSNorm(args.dim, args.norm_eps)
+        # With tied embeddings the loader points output.weight at tok_embeddings.weight.
+        self.output = nn.Linear(args.dim, args.vocab_size, bias=False)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.tok_embeddings.weight.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.tok_embeddings.weight.device
+
+    def new_cache(self, max_len: int) -> KVCache:
+        """An empty cache for one sequence of up to ``max_len`` positions."""
+        return KVCache(self.args, max_len, self.dtype, self.device)
+
+    def forward(
+        self, tokens: torch.Tensor, start_pos: int = 0, cache: KVCache | None = None, last_only: bool = False
+    ) -> torch.Tensor:
+        """Float32 logits [T, vocab] (or [1, vocab] with ``last_only``) for ``tokens`` [T] at positions
+        ``start_pos ..``. Prefill passes the prompt, decode one token; ``cache`` holds the earlier positions
+        and receives the new ones. Without a cache the tokens are the whole sequence (``start_pos`` 0)."""
+        n_tokens = tokens.shape[0]
+        if n_tokens == 0:
+            raise ValueError("forward needs at least one token")
+        if cache is None:
+            if start_pos != 0:
+                raise ValueError(f"start_pos {start_pos} needs a KV cache holding the earlier positions")
+            first_key = 0
+        else:
+            cache.check_write(start_pos, n_tokens)
+            first_key = key_start(start_pos, self.args.sliding_window)
+        if start_pos + n_tokens > self.args.max_position_embeddings:
+            raise ValueError(
+                f"positions up to {start_pos + n_tokens - 1} exceed max_position_embeddings "
+                f"{self.args.max_position_embeddings}"
+            )
+
+        h = self.tok_embeddings(tokens)
+        positions = torch.arange(start_pos, start_pos + n_tokens, device=tokens.device)
+        cos, sin = rope_cos_sin(positions, self.args.head_dim, self.args.rope_theta, h.dtype)
+        mask = attention_mask(start_pos, n_tokens, first_key, self.args.sliding_window, tokens.device)
+        for i, layer in enumerate(self.layers):
+            h = layer(h, cos, sin, mask, start_pos, first_key, cache, i)
+        if last_only:
+            h = h[-1:]
+        return self.output(self.norm(h)).float()
