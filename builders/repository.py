@@ -118,7 +118,6 @@ def _chat_models(endpoint: ChatEndpoint) -> dict[str, tuple[str, dict]]:
     chain = {
         "preprocessing_model": pre,
         "engine_model": engine,
-        "postprocessing_model": post,
         "triton_max_batch_size": batch,
         "engine_extra_outputs": _PYTORCH_EXTRA_OUTPUTS if pytorch else "",
     }
@@ -137,6 +136,7 @@ def _chat_models(endpoint: ChatEndpoint) -> dict[str, tuple[str, dict]]:
         }),
         name: ("ensemble", {
             **chain,
+            "postprocessing_model": post,
             "engine_extra_output_map": _PYTORCH_EXTRA_OUTPUT_MAP if pytorch else "",
             "postprocessing_extra_input_map": _PYTORCH_POSTPROCESSING_INPUT_MAP if pytorch else "",
         }),

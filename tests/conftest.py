@@ -26,3 +26,11 @@ def tiny_mixtral_dir(tmp_path_factory):
         tmp_path_factory.mktemp("tiny") / "mixtral-v1",
         TinySpec("mixtral", "v1", sliding_window=None),
     )
+
+
+@pytest.fixture(scope="session")
+def demo_assets():
+    """The demo checkpoints, built once into the default assets dir and reused across runs."""
+    from plateforme.builders.assets import prepare_assets
+
+    return prepare_assets(progress=False)

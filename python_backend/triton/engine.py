@@ -108,6 +108,8 @@ class TritonPythonModel:
             bad_words=t.parse_word_list(_first_row(t.optional_array(request, "bad_words_list"))),
             return_log_probs=t.scalar(request, "return_log_probs", 0, bool, False),
         )
+        if params.end_id is not None and params.end_id < 0:
+            params.end_id = None  # tensorrtllm convention: a negative end_id never ends generation
         if params.max_tokens is None:
             raise t.InputError("request_output_len (max_tokens) is required")
         return _Request(

@@ -1,0 +1,110 @@
+"""Rendering model repositories and the fill_template tool (no server needed)."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from plateforme.builders.fill_template import TemplateError, fill_template, parse_substitutions
+from plateforme.builders.repository import (
+    ChatEndpoint,
+    EmbeddingEndpoint,
+    RepositoryError,
+    render_repository,
+    templates_root,
+)
+
+
+def test_parse_substitutions_follows_upstream_escaping():
+    values = parse_substitutions(r"engine_dir:/models/a\,b,tokenizer_dir:/t,url:http\://x")
+    assert values == {"engine_dir": "/models/a,b", "tokenizer_dir": "/t", "url": "http://x"}
+    with pytest.raises(TemplateError, match="key:value"):
+        parse_substitutions("novalue")
+
+
+def test_fill_template_rejects_unknown_keys_and_keeps_unset_placeholders():
+    text = 'name: "${model_name}"\nkey: "${engine_dir}"\nqueue: ${max_queue_delay_microseconds}'
+    filled = fill_template(text, {"model_name": "m"})
+    assert 'name: "m"' in filled and "${engine_dir}" in filled and "queue: 0" in filled
+    with pytest.raises(TemplateError, match="nope"):
+        fill_template(text, {"nope": 1})
+
+
+def test_fill_template_cli_in_place(tmp_path):
+    template = tmp_path / "config.pbtxt"
+    template.write_text((templates_root() / "preprocessing" / "config.pbtxt").read_text())
+    result = subprocess.run(
+        [sys.executable, "-m", "plateforme.builders.fill_template", "-i", str(template),
+         "model_name:pre,triton_max_batch_size:8,tokenizer_dir:/tok,preprocessing_instance_count:1"],
+        capture_output=True, text=True,
+    )
+    assert result.returncode == 0, result.stderr
+    text = template.read_text()
+    assert 'name: "pre"' in text and "max_batch_size: 8" in text and 'string_value: "/tok"' in text
+
+
+def test_render_repository_layout(tmp_path, tiny_mistral_dir, tiny_mixtral_dir):
+    out = render_repository(
+        tmp_path / "repo",
+        chat=[ChatEndpoint("mistral-tiny", tiny_mistral_dir), ChatEndpoint("mistral-small", tiny_mixtral_dir)],
+        embeddings=[EmbeddingEndpoint("mistral-embed", tiny_mistral_dir)],
+    )
+    models = sorted(p.name for p in out.iterdir() if p.is_dir())
+    assert models == sorted([
+        "mistral-embed",
+        *[f"mistral-{size}{suffix}" for size in ("tiny", "small")
+          for suffix in ("", "-preprocessing", "-engine", "-postprocessing", "-bls")],
+    ])
+    for model in models:
+        config = (out / model / "config.pbtxt").read_text()
+        assert f'name: "{model}"' in config
+        # Every numeric placeholder is filled; only none remain in python-backend models.
+        assert "${" not in config, (model, config)
+    ensemble = (out / "mistral-tiny" / "config.pbtxt").read_text()
+    for step in ("mistral-tiny-preprocessing", "mistral-tiny-engine", "mistral-tiny-postprocessing"):
+        assert f'model_name: "{step}"' in ensemble
+    assert 'key: "PREFIX_IDS"' in ensemble
+    model_py = (out / "mistral-tiny-engine" / "1" / "model.py").read_text()
+    assert "from plateforme.python_backend.triton.engine import TritonPythonModel" in model_py
+    manifest = json.loads((out / "plateforme.json").read_text())
+    assert set(manifest["chat"]) == {"mistral-tiny", "mistral-small"}
+
+
+def test_render_tensorrtllm_engine_variant(tmp_path, tiny_mistral_dir):
+    engine_dir = tmp_path / "engine"
+    engine_dir.mkdir()
+    out = render_repository(tmp_path / "repo", chat=[
+        ChatEndpoint("mistral-tiny", tiny_mistral_dir, engine="tensorrtllm", engine_dir=engine_dir,
+                     max_attention_window_size=4096),
+    ])
+    config = (out / "mistral-tiny-engine" / "config.pbtxt").read_text()
+    assert 'backend: "tensorrtllm"' in config
+    assert f'key: "gpt_model_path" value: {{ string_value: "{engine_dir}" }}' in config
+    assert 'string_value: "inflight_fused_batching"' in config
+    assert 'key: "max_attention_window_size" value: { string_value: "4096" }' in config
+    assert "decoupled: true" in config
+    assert not (out / "mistral-tiny-engine" / "1" / "model.py").exists()
+    ensemble = (out / "mistral-tiny" / "config.pbtxt").read_text()
+    assert "PREFIX_IDS" not in ensemble and "finish_reason" not in ensemble
+
+
+@pytest.mark.parametrize("make_endpoint,message", [
+    (lambda d, t: ChatEndpoint("bad name!", d), "not a valid Triton model name"),
+    (lambda d, t: ChatEndpoint("m", t), "no config.json"),
+    (lambda d, t: ChatEndpoint("m", d, engine="tensorrtllm"), "engine directory"),
+])
+def test_render_errors_are_clear(tmp_path, tiny_mistral_dir, make_endpoint, message):
+    with pytest.raises(RepositoryError, match=message):
+        render_repository(tmp_path / "repo", chat=[make_endpoint(tiny_mistral_dir, tmp_path)])
+    assert not (tmp_path / "repo").exists()
+
+
+def test_failed_render_keeps_the_previous_repository(tmp_path, tiny_mistral_dir):
+    out = render_repository(tmp_path / "repo", chat=[ChatEndpoint("mistral-tiny", tiny_mistral_dir)])
+    before = sorted(p.name for p in out.iterdir())
+    with pytest.raises(RepositoryError):
+        render_repository(out, chat=[ChatEndpoint("a", tiny_mistral_dir), ChatEndpoint("a", tiny_mistral_dir)])
+    assert sorted(p.name for p in out.iterdir()) == before
+    assert [p.name for p in tmp_path.iterdir()] == ["repo"]  # no partial directories left

@@ -1,0 +1,261 @@
+"""End to end through a real tritonserver on loopback: ensemble, BLS, engine contract, embeddings,
+bad input. One server for the module (starting Triton and loading models takes seconds)."""
+from __future__ import annotations
+
+import json
+import queue
+import urllib.error
+import urllib.request
+import uuid
+
+import numpy as np
+import pytest
+import torch
+import tritonclient.grpc as grpcclient
+import tritonclient.http as httpclient
+from tritonclient.utils import InferenceServerException
+
+from plateforme.builders.repository import ChatEndpoint, EmbeddingEndpoint, render_repository
+from plateforme.clients.triton_client import EndpointError, GenerationParams, TritonEndpoints
+from plateforme.python_backend.tokenization import load_tokenizer
+from plateforme.server import ServerConfig, TritonServer, free_port
+
+pytestmark = pytest.mark.server
+
+PROMPT = "The quick brown fox jumps over the lazy dog and then"
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory, tiny_mistral_dir, tiny_mixtral_dir, demo_assets):
+    repository = render_repository(
+        tmp_path_factory.mktemp("repo") / "models",
+        chat=[
+            ChatEndpoint("mistral-tiny", tiny_mistral_dir, dtype="float32", max_batch_size=8),
+            ChatEndpoint("mistral-small", tiny_mixtral_dir, dtype="float32", max_batch_size=8),
+            ChatEndpoint("smollm2", demo_assets["smollm2-mistral"], max_batch_size=8),
+        ],
+        embeddings=[EmbeddingEndpoint("mistral-embed", demo_assets["minilm-embed"])],
+    )
+    config = ServerConfig(repository, http_port=free_port(), grpc_port=free_port(), metrics_port=free_port())
+    with TritonServer(config) as running:
+        yield running
+
+
+def hf_greedy_text(model_dir, prompt_ids, max_new_tokens):
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    out = model.generate(torch.tensor([prompt_ids]), max_new_tokens=max_new_tokens, do_sample=False,
+                         eos_token_id=None, pad_token_id=0)
+    return out[0, len(prompt_ids):].tolist()
+
+
+def grpc_stream(server, model, inputs: dict, request_id=None):
+    """All responses of one streamed gRPC request, as dicts of numpy outputs."""
+    results: queue.Queue = queue.Queue()
+    client = grpcclient.InferenceServerClient(server.grpc_url)
+    tensors = []
+    for name, array in inputs.items():
+        datatype = {np.dtype(object): "BYTES", np.dtype(np.int32): "INT32", np.dtype(np.float32): "FP32",
+                    np.dtype(bool): "BOOL", np.dtype(np.uint64): "UINT64"}[array.dtype]
+        tensor = grpcclient.InferInput(name, list(array.shape), datatype)
+        tensor.set_data_from_numpy(array)
+        tensors.append(tensor)
+    client.start_stream(callback=lambda result, error: results.put((result, error)))
+    client.async_stream_infer(model, tensors, request_id=request_id or uuid.uuid4().hex,
+                              enable_empty_final_response=True)
+    responses = []
+    try:
+        while True:
+            result, error = results.get(timeout=120)
+            if error is not None:
+                raise EndpointError(str(error))
+            response = result.get_response()
+            if response.outputs:
+                responses.append({o.name: result.as_numpy(o.name) for o in response.outputs})
+            if response.parameters["triton_final_response"].bool_param:
+                return responses
+    finally:
+        client.stop_stream()
+        client.close()
+
+
+def text_of(responses):
+    return "".join(r["text_output"].reshape(-1)[0].decode() for r in responses)
+
+
+def strings(*values):
+    return np.array([[v.encode() for v in values]], dtype=object)
+
+
+def ints(value):
+    return np.array([[value]], dtype=np.int32)
+
+
+# -- the endpoint's contract ----------------------------------------------------------------
+def test_every_model_is_ready(server):
+    client = httpclient.InferenceServerClient(server.http_url)
+    names = {m["name"] for m in client.get_model_repository_index()}
+    for endpoint in ("mistral-tiny", "mistral-small", "smollm2"):
+        for suffix in ("", "-preprocessing", "-engine", "-postprocessing", "-bls"):
+            assert f"{endpoint}{suffix}" in names
+            assert client.is_model_ready(f"{endpoint}{suffix}")
+    assert client.is_model_ready("mistral-embed")
+
+
+@pytest.mark.parametrize("endpoint,fixture", [("mistral-tiny", "tiny_mistral_dir"), ("mistral-small", "tiny_mixtral_dir")])
+def test_ensemble_greedy_equals_hf_generate(server, request, endpoint, fixture):
+    model_dir = request.getfixturevalue(fixture)
+    tokenizer = load_tokenizer(model_dir)
+    prompt_ids = tokenizer.encode_text(PROMPT)
+    expected = hf_greedy_text(model_dir, prompt_ids, 24)
+    responses = grpc_stream(server, endpoint, {"text_input": strings(PROMPT), "max_tokens": ints(24),
+                                               "end_id": ints(-1)})
+    assert len(responses) == 1
+    assert text_of(responses) == tokenizer.decode(expected).rstrip("\ufffd")
+    assert int(responses[0]["num_input_tokens"].reshape(-1)[0]) == len(prompt_ids)
+    assert int(responses[0]["num_output_tokens"].reshape(-1)[0]) == 24
+    assert responses[0]["finish_reason"].reshape(-1)[0].decode() == "length"
+
+
+@pytest.mark.parametrize("model", ["mistral-tiny", "mistral-tiny-bls", "mistral-small", "smollm2", "smollm2-bls"])
+def test_streamed_chunks_concatenate_to_the_full_answer(server, model):
+    inputs = {"text_input": strings(PROMPT), "max_tokens": ints(40)}
+    full = grpc_stream(server, model, inputs)
+    chunks = grpc_stream(server, model, {**inputs, "stream": np.array([[True]])})
+    assert len(full) == 1 and len(chunks) > 5
+    assert text_of(chunks) == text_of(full)
+    assert text_of(full)
+
+
+def test_bls_answers_like_the_ensemble(server):
+    inputs = {"text_input": strings(PROMPT), "max_tokens": ints(30)}
+    assert text_of(grpc_stream(server, "mistral-tiny-bls", inputs)) == text_of(grpc_stream(server, "mistral-tiny", inputs))
+
+
+def test_http_generate_and_generate_stream(server):
+    def post(route, body):
+        request = urllib.request.Request(f"http://{server.http_url}/v2/models/smollm2/{route}",
+                                         data=json.dumps(body).encode(), headers={"Content-Type": "application/json"})
+        with urllib.request.urlopen(request, timeout=120) as response:
+            return response.read().decode()
+
+    body = {"text_input": "Once upon a time", "max_tokens": 20, "temperature": 0.0}
+    full = json.loads(post("generate", body))["text_output"]
+    events = [json.loads(line[5:]) for line in post("generate_stream", {**body, "stream": True}).splitlines()
+              if line.startswith("data:")]
+    assert len(events) > 3
+    assert "".join(e["text_output"] for e in events) == full
+
+
+def test_demo_model_answers_the_capital_of_france(server):
+    client = TritonEndpoints(server.grpc_url)
+    answer = client.complete("smollm2", messages=[{"role": "user", "content": "What is the capital of France?"}],
+                             params=GenerationParams(max_tokens=32, temperature=0))
+    assert "Paris" in answer.text
+    assert answer.finish_reason in ("end_id", "stop")
+    assert answer.num_output_tokens < 32
+
+
+def test_messages_use_the_mistral_chat_encoding(server, tiny_mistral_dir):
+    chat = {"messages": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi there"}]}
+    tokenizer = load_tokenizer(tiny_mistral_dir)
+    prompt_ids = tokenizer.encode_chat(chat)
+    assert prompt_ids[0] == tokenizer.bos_id and prompt_ids[1] != tokenizer.bos_id  # one BOS
+    responses = grpc_stream(server, "mistral-tiny", {"messages": strings(json.dumps(chat)), "max_tokens": ints(5)})
+    assert int(responses[0]["num_input_tokens"].reshape(-1)[0]) == len(prompt_ids)
+
+
+def test_stop_words_end_generation_and_are_not_returned(server):
+    inputs = {"text_input": strings(PROMPT), "max_tokens": ints(40)}
+    full = text_of(grpc_stream(server, "smollm2", inputs))
+    words = full.split()
+    stop = words[len(words) // 2]
+    stopped = grpc_stream(server, "smollm2", {**inputs, "stop_words": strings(" " + stop)})
+    text = text_of(stopped)
+    assert stopped[-1]["finish_reason"].reshape(-1)[0].decode() == "stop"
+    assert full.startswith(text) and len(text) < len(full)
+    assert not text.endswith(stop)
+
+
+def test_sampling_with_a_seed_is_reproducible(server):
+    inputs = {"text_input": strings(PROMPT), "max_tokens": ints(20), "temperature": np.array([[1.0]], dtype=np.float32),
+              "top_p": np.array([[1.0]], dtype=np.float32), "seed": np.array([[7]], dtype=np.uint64)}
+    first = text_of(grpc_stream(server, "mistral-tiny", inputs))
+    assert first == text_of(grpc_stream(server, "mistral-tiny", inputs))
+    other = text_of(grpc_stream(server, "mistral-tiny", {**inputs, "seed": np.array([[8]], dtype=np.uint64)}))
+    assert other != first
+
+
+def test_prompt_is_echoed_only_when_asked(server, tiny_mistral_dir):
+    inputs = {"text_input": strings(PROMPT), "max_tokens": ints(5)}
+    plain = text_of(grpc_stream(server, "mistral-tiny", inputs))
+    echoed = text_of(grpc_stream(server, "mistral-tiny", {**inputs, "exclude_input_in_output": np.array([[False]])}))
+    assert not plain.startswith(PROMPT)
+    assert echoed.startswith(PROMPT) and echoed.endswith(plain)
+
+
+# -- embeddings -------------------------------------------------------------------------------
+@pytest.mark.parametrize("protocol", ["grpc", "http"])
+def test_embeddings_rank_similar_sentences_higher(server, protocol):
+    client = TritonEndpoints(server.grpc_url if protocol == "grpc" else server.http_url, protocol=protocol)
+    vectors, counts = client.embed("mistral-embed", ["A man is playing a guitar.", "Someone plays an instrument.",
+                                                     "The stock market fell sharply today."])
+    assert vectors.shape == (3, 384)
+    np.testing.assert_allclose(np.linalg.norm(vectors, axis=1), 1.0, atol=1e-5)
+    similar, unrelated = float(vectors[0] @ vectors[1]), float(vectors[0] @ vectors[2])
+    assert similar > unrelated + 0.3
+    assert all(c > 3 for c in counts)
+
+
+# -- bad input: a clear error, and the server keeps serving ------------------------------------
+BAD_INPUTS = {
+    "no text": ({"max_tokens": ints(5)}, "text_input"),
+    "empty text": ({"text_input": strings(""), "max_tokens": ints(5)}, "text_input"),
+    "zero max_tokens": ({"text_input": strings("hi"), "max_tokens": ints(0)}, "max_tokens"),
+    "negative max_tokens": ({"text_input": strings("hi"), "max_tokens": ints(-3)}, "max_tokens"),
+    "absurd max_tokens": ({"text_input": strings("hi"), "max_tokens": ints(10**9)}, "max_tokens"),
+    "prompt over context": ({"text_input": strings("hello " * 400), "max_tokens": ints(5)}, "context"),
+    "invalid messages json": ({"messages": strings("{not json"), "max_tokens": ints(5)}, "JSON"),
+    "unknown role": ({"messages": strings(json.dumps({"messages": [{"role": "wizard", "content": "x"}]})),
+                      "max_tokens": ints(5)}, "role"),
+    "both text and messages": ({"text_input": strings("hi"), "max_tokens": ints(5),
+                                "messages": strings(json.dumps({"messages": [{"role": "user", "content": "x"}]}))},
+                               "either"),
+    "negative temperature": ({"text_input": strings("hi"), "max_tokens": ints(5),
+                              "temperature": np.array([[-1.0]], dtype=np.float32)}, "temperature"),
+}
+
+
+@pytest.mark.parametrize("model", ["mistral-tiny", "mistral-tiny-bls"])
+@pytest.mark.parametrize("case", list(BAD_INPUTS))
+def test_bad_input_gets_a_clear_error(server, model, case):
+    inputs, expected_word = BAD_INPUTS[case]
+    with pytest.raises(EndpointError, match=f"(?i){expected_word}"):
+        grpc_stream(server, model, inputs)
+
+
+def test_wrong_dtype_is_rejected_by_triton(server):
+    client = httpclient.InferenceServerClient(server.http_url)
+    tensor = httpclient.InferInput("text_input", [1, 1], "FP32")
+    tensor.set_data_from_numpy(np.array([[1.0]], dtype=np.float32))
+    with pytest.raises(InferenceServerException, match="(?i)data.?type|dtype|expected"):
+        client.infer("mistral-embed", [tensor])
+
+
+def test_http_bad_input_is_a_400_and_server_stays_healthy(server):
+    request = urllib.request.Request(f"http://{server.http_url}/v2/models/mistral-tiny/generate",
+                                     data=json.dumps({"text_input": "hi", "max_tokens": 0}).encode(),
+                                     headers={"Content-Type": "application/json"})
+    with pytest.raises(urllib.error.HTTPError) as raised:
+        urllib.request.urlopen(request, timeout=60)
+    assert raised.value.code == 400
+    assert "max_tokens" in raised.value.read().decode()
+    client = httpclient.InferenceServerClient(server.http_url)
+    assert client.is_server_live() and client.is_server_ready()
+    assert text_of(grpc_stream(server, "mistral-tiny", {"text_input": strings("hi"), "max_tokens": ints(3)}))
+
+
+def test_empty_embedding_text_is_an_error(server):
+    with pytest.raises(EndpointError, match="non-empty"):
+        TritonEndpoints(server.grpc_url).embed("mistral-embed", [""])
