@@ -6,7 +6,7 @@ import json
 import os
 import signal
 import sys
-import threading
+import time
 from pathlib import Path
 
 from plateforme.paths import home
@@ -125,11 +125,18 @@ def cmd_repo(args) -> int:
     return 0
 
 
-def _run_until_signal(server, on_ready=None, once: bool = False) -> int:
-    """Serve until Ctrl-C / SIGTERM (or right after `on_ready` with `once`), then shut down."""
-    stop = threading.Event()
-    previous = {sig: signal.signal(sig, lambda *_: stop.set()) for sig in (signal.SIGINT, signal.SIGTERM)}
+def _serve_until_signal(server, on_ready=None, once: bool = False) -> int:
+    """Start the server and serve until Ctrl-C / SIGTERM (or right after `on_ready` with `once`).
+
+    A signal at any point, start-up included, shuts the server down; a signal is how a user
+    stops a server, so it exits with 0.
+    """
+    def interrupt(signum, frame):
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGTERM, interrupt)
     try:
+        server.start()
         print(f"Triton is serving: HTTP {server.http_url}, gRPC {server.grpc_url}, metrics {server.metrics_url}",
               flush=True)
         if on_ready:
@@ -137,17 +144,20 @@ def _run_until_signal(server, on_ready=None, once: bool = False) -> int:
         if once:
             return 0
         print("Press Ctrl-C to stop.", flush=True)
-        while not stop.wait(0.5):
-            if not server.is_running():
-                print(f"tritonserver exited unexpectedly; log {server.log_path}:\n{server.log_tail()}",
-                      file=sys.stderr)
-                return 1
+        while server.is_running():
+            time.sleep(0.5)
+        print(f"tritonserver exited unexpectedly; log {server.log_path}:\n{server.log_tail()}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
         return 0
     finally:
+        # A second Ctrl-C must not interrupt the clean-up of stubs and shared memory.
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
         print("Shutting down tritonserver...", flush=True)
         server.stop()
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+        signal.signal(signal.SIGTERM, previous)
 
 
 def cmd_serve(args) -> int:
@@ -155,8 +165,7 @@ def cmd_serve(args) -> int:
 
     server = TritonServer(_server_config(args, Path(args.model_repository)))
     print(f"Starting tritonserver on {args.model_repository} (log: {server.log_path})", flush=True)
-    server.start()
-    return _run_until_signal(server)
+    return _serve_until_signal(server)
 
 
 def cmd_demo(args) -> int:
@@ -167,8 +176,7 @@ def cmd_demo(args) -> int:
     print(f"Model repository: {repository}")
     server = TritonServer(_server_config(args, repository))
     print(f"Starting tritonserver (log: {server.log_path})...", flush=True)
-    server.start()
-    return _run_until_signal(server, on_ready=lambda: _demo_calls(server), once=args.once)
+    return _serve_until_signal(server, on_ready=lambda: _demo_calls(server), once=args.once)
 
 
 def _demo_calls(server) -> None:

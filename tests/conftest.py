@@ -34,3 +34,24 @@ def demo_assets():
     from plateforme.builders.assets import prepare_assets
 
     return prepare_assets(progress=False)
+
+
+@pytest.fixture(scope="session")
+def server(tmp_path_factory, tiny_mistral_dir, tiny_mixtral_dir, demo_assets):
+    """A real tritonserver on free loopback ports: tiny Mistral (v3) and Mixtral (v1) endpoints in
+    float32, the SmolLM2 demo model, and the MiniLM embedding endpoint."""
+    from plateforme.builders.repository import ChatEndpoint, EmbeddingEndpoint, render_repository
+    from plateforme.server import ServerConfig, TritonServer, free_port
+
+    repository = render_repository(
+        tmp_path_factory.mktemp("repo") / "models",
+        chat=[
+            ChatEndpoint("mistral-tiny", tiny_mistral_dir, dtype="float32", max_batch_size=8),
+            ChatEndpoint("mistral-small", tiny_mixtral_dir, dtype="float32", max_batch_size=8),
+            ChatEndpoint("smollm2", demo_assets["smollm2-mistral"], max_batch_size=8),
+        ],
+        embeddings=[EmbeddingEndpoint("mistral-embed", demo_assets["minilm-embed"])],
+    )
+    config = ServerConfig(repository, http_port=free_port(), grpc_port=free_port(), metrics_port=free_port())
+    with TritonServer(config) as running:
+        yield running

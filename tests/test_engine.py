@@ -316,3 +316,24 @@ def test_duplicate_request_id(mistral):
         mistral.add_request("dup", [1, 2], SamplingParams(max_tokens=1))
     (out,) = mistral.step()
     assert out.finished and not mistral.has_work()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("asset", ["smollm2-mistral", "smollm2-mixtral"])
+def test_greedy_matches_transformers_on_the_demo_models(demo_assets, asset):
+    """The real SmolLM2 weights, dense and upcycled to a Mixtral: the same tokens as HF, in float32."""
+    from plateforme.python_backend.tokenization import load_tokenizer
+
+    model_dir = demo_assets[asset]
+    tokenizer = load_tokenizer(model_dir)
+    chat = {"messages": [{"role": "user", "content": "What is the capital of France?"}]}
+    ids = tokenizer.encode_chat(chat)
+    hf = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    config = GenerationConfig(do_sample=False, max_new_tokens=32, eos_token_id=tokenizer.eos_id, pad_token_id=0)
+    expected = hf.generate(torch.tensor([ids]), generation_config=config)[0, len(ids):].tolist()
+    del hf
+
+    tokens, last = generate(Engine(model_dir, dtype="float32"), ids, max_tokens=32, end_id=tokenizer.eos_id)
+    assert last.finish_reason == "end_id" and expected[-1] == tokenizer.eos_id  # the engine drops end_id
+    assert tokens == expected[:-1]
+    assert "Paris" in tokenizer.decode(tokens)

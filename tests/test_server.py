@@ -1,5 +1,5 @@
 """End to end through a real tritonserver on loopback: ensemble, BLS, engine contract, embeddings,
-bad input. One server for the module (starting Triton and loading models takes seconds)."""
+bad input. The `server` fixture (conftest.py) starts one tritonserver for the whole session."""
 from __future__ import annotations
 
 import json
@@ -15,30 +15,12 @@ import tritonclient.grpc as grpcclient
 import tritonclient.http as httpclient
 from tritonclient.utils import InferenceServerException
 
-from plateforme.builders.repository import ChatEndpoint, EmbeddingEndpoint, render_repository
 from plateforme.clients.triton_client import EndpointError, GenerationParams, TritonEndpoints
 from plateforme.python_backend.tokenization import load_tokenizer
-from plateforme.server import ServerConfig, TritonServer, free_port
 
 pytestmark = pytest.mark.server
 
 PROMPT = "The quick brown fox jumps over the lazy dog and then"
-
-
-@pytest.fixture(scope="module")
-def server(tmp_path_factory, tiny_mistral_dir, tiny_mixtral_dir, demo_assets):
-    repository = render_repository(
-        tmp_path_factory.mktemp("repo") / "models",
-        chat=[
-            ChatEndpoint("mistral-tiny", tiny_mistral_dir, dtype="float32", max_batch_size=8),
-            ChatEndpoint("mistral-small", tiny_mixtral_dir, dtype="float32", max_batch_size=8),
-            ChatEndpoint("smollm2", demo_assets["smollm2-mistral"], max_batch_size=8),
-        ],
-        embeddings=[EmbeddingEndpoint("mistral-embed", demo_assets["minilm-embed"])],
-    )
-    config = ServerConfig(repository, http_port=free_port(), grpc_port=free_port(), metrics_port=free_port())
-    with TritonServer(config) as running:
-        yield running
 
 
 def hf_greedy_text(model_dir, prompt_ids, max_new_tokens):
@@ -259,3 +241,25 @@ def test_http_bad_input_is_a_400_and_server_stays_healthy(server):
 def test_empty_embedding_text_is_an_error(server):
     with pytest.raises(EndpointError, match="non-empty"):
         TritonEndpoints(server.grpc_url).embed("mistral-embed", [""])
+
+
+def test_postprocessing_decodes_a_token_by_token_stream_exactly(server, demo_assets):
+    """Each chunk with the tokens before it as PREFIX_IDS: the pieces add up to the full decode."""
+    tokenizer = load_tokenizer(demo_assets["smollm2-mistral"])
+    text = "Café au lait 😀🇫🇷, 北京欢迎你 —  two  spaces\n\tand <|im_start|> kept"
+    ids = tokenizer.encode_text(text, add_bos=False)
+    client = httpclient.InferenceServerClient(server.http_url)
+    pieces = []
+    for index in range(len(ids)):
+        prefix = ids[max(0, index - 16):index]
+        inputs = []
+        for name, array in (("TOKENS_BATCH", [[ids[index:index + 1]]]), ("SEQUENCE_LENGTH", [[1]]),
+                            ("PREFIX_IDS", [[prefix]])):
+            array = np.array(array, dtype=np.int32)
+            tensor = httpclient.InferInput(name, list(array.shape), "INT32")
+            tensor.set_data_from_numpy(array)
+            inputs.append(tensor)
+        result = client.infer("smollm2-postprocessing", inputs)
+        pieces.append(result.as_numpy("OUTPUT").reshape(-1)[0].decode())
+    assert "".join(pieces) == tokenizer.decode(ids) == text
+    assert any(piece == "" for piece in pieces)  # partial characters were withheld, not garbled

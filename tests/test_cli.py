@@ -1,0 +1,118 @@
+"""The `plateforme` command as a user runs it (subprocesses, real server)."""
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+from plateforme.server import free_port
+
+
+def plateforme(*args, timeout=300, **kwargs):
+    return subprocess.run([sys.executable, "-m", "plateforme", *args], capture_output=True, text=True,
+                          timeout=timeout, **kwargs)
+
+
+def test_help_lists_the_subcommands():
+    result = plateforme("--help")
+    assert result.returncode == 0
+    for command in ("assets", "repo", "serve", "demo", "chat", "embed"):
+        assert re.search(rf"^\s+{command}\s", result.stdout, re.M), command
+    serve_help = plateforme("serve", "--help").stdout
+    demo_help = plateforme("demo", "--help").stdout
+    for flag in ("--host", "--http-port", "--grpc-port", "--metrics-port"):
+        assert flag in serve_help and flag in demo_help
+    assert "--once" in demo_help
+
+
+@pytest.mark.parametrize("args,message", [
+    (["serve", "--model-repository", "/nonexistent/repo"], "does not exist"),
+    (["repo", "--endpoint", "mistral-tiny"], "NAME=DIR"),
+    (["repo", "--endpoint", "mistral-tiny=/nonexistent"], "no config.json"),
+    (["assets", "no-such-asset"], "unknown asset"),
+])
+def test_user_mistakes_are_one_clear_line(args, message):
+    result = plateforme(*args)
+    assert result.returncode == 2
+    assert message in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_repo_renders_given_endpoints(tmp_path, tiny_mistral_dir):
+    result = plateforme("repo", "--out", str(tmp_path / "repo"), "--endpoint", f"mistral-tiny={tiny_mistral_dir}")
+    assert result.returncode == 0, result.stderr
+    assert (tmp_path / "repo" / "mistral-tiny-engine" / "config.pbtxt").exists()
+
+
+def test_chat_and_embed_against_a_running_server(server):
+    chat = plateforme("chat", "What is the capital of France?", "--model", "smollm2", "--url", server.grpc_url,
+                      "--temperature", "0", "--max-tokens", "32", "-v")
+    assert chat.returncode == 0, chat.stderr
+    assert "Paris" in chat.stdout
+    assert "finish:" in chat.stderr
+    over_http = plateforme("chat", "What is the capital of France?", "--model", "smollm2", "--url", server.http_url,
+                           "--http", "--temperature", "0", "--max-tokens", "32")
+    assert over_http.stdout == chat.stdout
+    embed = plateforme("embed", "hello world", "bonjour le monde", "--url", server.grpc_url, "--json")
+    assert embed.returncode == 0, embed.stderr
+    vectors = json.loads(embed.stdout)
+    assert [len(v["embedding"]) for v in vectors] == [384, 384]
+
+
+def test_chat_error_from_the_server_is_reported(server):
+    result = plateforme("chat", "hi", "--model", "smollm2", "--url", server.grpc_url, "--max-tokens", "0")
+    assert result.returncode == 2
+    assert "max_tokens" in result.stderr and "Traceback" not in result.stderr
+
+
+def _stub_processes() -> set[int]:
+    pids = set()
+    for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
+        try:
+            if b"triton_python_backend_stub" in cmdline.read_bytes():
+                pids.add(int(cmdline.parent.name))
+        except OSError:
+            pass
+    return pids
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+def test_serve_stops_cleanly_on_signal(tmp_path, tiny_mistral_dir, sig):
+    repo = tmp_path / "repo"
+    assert plateforme("repo", "--out", str(repo), "--endpoint", f"mistral-tiny={tiny_mistral_dir}").returncode == 0
+    stubs_before, shm_before = _stub_processes(), set(os.listdir("/dev/shm"))
+    http_port = free_port()
+    process = subprocess.Popen(
+        [sys.executable, "-m", "plateforme", "serve", "--model-repository", str(repo), "--http-port", str(http_port),
+         "--grpc-port", str(free_port()), "--metrics-port", str(free_port())],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )
+    try:
+        deadline = time.monotonic() + 180
+        while time.monotonic() < deadline:
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{http_port}/v2/health/ready", timeout=2) as response:
+                    if response.status == 200:
+                        break
+            except OSError:
+                time.sleep(0.5)
+        else:
+            pytest.fail("plateforme serve did not become ready")
+        assert _stub_processes() - stubs_before, "python models should be running as stub processes"
+        process.send_signal(sig)
+        output, _ = process.communicate(timeout=60)
+    finally:
+        if process.poll() is None:
+            process.kill()
+    assert process.returncode == 0, output
+    assert "Shutting down" in output
+    assert not (_stub_processes() - stubs_before)
+    assert not (set(os.listdir("/dev/shm")) - shm_before)
