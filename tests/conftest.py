@@ -37,6 +37,33 @@ def demo_assets():
 
 
 @pytest.fixture(scope="session")
+def smollm2_dir(demo_assets):
+    """SmolLM2-135M-Instruct as a checkpoint dir: HF byte-level BPE tokenizer with a ChatML template."""
+    return demo_assets["smollm2-mistral"]
+
+
+@pytest.fixture(scope="session")
+def v1(tiny_mixtral_dir):
+    from plateforme.python_backend.tokenization import load_tokenizer
+
+    return load_tokenizer(tiny_mixtral_dir)
+
+
+@pytest.fixture(scope="session")
+def v3(tiny_mistral_dir):
+    from plateforme.python_backend.tokenization import load_tokenizer
+
+    return load_tokenizer(tiny_mistral_dir)
+
+
+@pytest.fixture(scope="session")
+def smollm2(smollm2_dir):
+    from plateforme.python_backend.tokenization import load_tokenizer
+
+    return load_tokenizer(smollm2_dir)
+
+
+@pytest.fixture(scope="session")
 def server(tmp_path_factory, tiny_mistral_dir, tiny_mixtral_dir, demo_assets):
     """A real tritonserver on free loopback ports: tiny Mistral (v3) and Mixtral (v1) endpoints in
     float32, the SmolLM2 demo model, and the MiniLM embedding endpoint."""

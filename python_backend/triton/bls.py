@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import threading
 
-import numpy as np
 import triton_python_backend_utils as pb_utils
 
 from plateforme.python_backend.detokenization import IncrementalDetokenizer
