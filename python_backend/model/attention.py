@@ -5,6 +5,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .batch import BatchPlan, batched_attention
 from .cache import KVCache
 from .rope import apply_rotary
 
@@ -44,6 +45,19 @@ class Attention(nn.Module):
         self.wv = nn.Linear(dim, n_kv_heads * head_dim, bias=False)
         self.wo = nn.Linear(n_heads * head_dim, dim, bias=False)
 
+    def _qkv(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
+        n_tokens = x.shape[0]
+        q = self.wq(x).view(n_tokens, self.n_heads, self.head_dim)
+        k = self.wk(x).view(n_tokens, self.n_kv_heads, self.head_dim)
+        v = self.wv(x).view(n_tokens, self.n_kv_heads, self.head_dim)
+        return apply_rotary(q, cos, sin), apply_rotary(k, cos, sin), v
+
+    def forward_batch(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, plan: BatchPlan,
+                      layer: int) -> torch.Tensor:
+        """``x`` [N, dim]: the step's tokens of every sequence in ``plan``, flattened."""
+        out = batched_attention(*self._qkv(x, cos, sin), plan, layer)
+        return self.wo(out.reshape(x.shape[0], self.n_heads * self.head_dim))
+
     def forward(
         self,
         x: torch.Tensor,
@@ -57,10 +71,7 @@ class Attention(nn.Module):
     ) -> torch.Tensor:
         """``x`` [T, dim] at positions ``start_pos ..``; attends over cached keys from ``first_key`` on."""
         n_tokens = x.shape[0]
-        q = self.wq(x).view(n_tokens, self.n_heads, self.head_dim)
-        k = self.wk(x).view(n_tokens, self.n_kv_heads, self.head_dim)
-        v = self.wv(x).view(n_tokens, self.n_kv_heads, self.head_dim)
-        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        q, k, v = self._qkv(x, cos, sin)
 
         if cache is None:
             keys, values = k.transpose(0, 1), v.transpose(0, 1)

@@ -7,6 +7,7 @@ from torch import nn
 
 from .args import ModelArgs
 from .attention import Attention, attention_mask, key_start
+from .batch import BatchPlan, Segment, SlotKVCache
 from .cache import KVCache
 from .moe import MoeLayer
 from .rope import rope_cos_sin
@@ -68,6 +69,11 @@ class TransformerBlock(nn.Module):
         h = x + self.attention(self.attention_norm(x), cos, sin, mask, start_pos, first_key, cache, layer)
         return h + self.feed_forward(self.ffn_norm(h))
 
+    def forward_batch(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, plan: BatchPlan,
+                      layer: int) -> torch.Tensor:
+        h = x + self.attention.forward_batch(self.attention_norm(x), cos, sin, plan, layer)
+        return h + self.feed_forward(self.ffn_norm(h))
+
 
 class Transformer(nn.Module):
     def __init__(self, args: ModelArgs):
@@ -90,6 +96,31 @@ class Transformer(nn.Module):
     def new_cache(self, max_len: int) -> KVCache:
         """An empty cache for one sequence of up to ``max_len`` positions."""
         return KVCache(self.args, max_len, self.dtype, self.device)
+
+    def new_slot_cache(self, n_slots: int, max_seq_len: int) -> SlotKVCache:
+        """A KV cache shared by up to ``n_slots`` in-flight sequences of up to ``max_seq_len`` positions."""
+        return SlotKVCache(self.args, n_slots, max_seq_len, self.dtype, self.device)
+
+    def forward_batch(self, tokens: torch.Tensor, segments: list[Segment], cache: SlotKVCache) -> torch.Tensor:
+        """Float32 logits [len(segments), vocab] of each segment's last token.
+
+        ``tokens`` [N] are the segments' tokens, concatenated in order: decode steps (one token
+        at the sequence's next position) and prefill chunks mixed freely.
+        """
+        for seg in segments:
+            if seg.start_pos + seg.n_tokens > self.args.max_position_embeddings:
+                raise ValueError(
+                    f"positions up to {seg.start_pos + seg.n_tokens - 1} exceed max_position_embeddings "
+                    f"{self.args.max_position_embeddings}"
+                )
+        plan = BatchPlan(segments, cache, tokens.device)
+        if plan.n_tokens != tokens.shape[0]:
+            raise ValueError(f"segments cover {plan.n_tokens} tokens, got {tokens.shape[0]}")
+        h = self.tok_embeddings(tokens)
+        cos, sin = rope_cos_sin(plan.token_positions, self.args.head_dim, self.args.rope_theta, h.dtype)
+        for i, layer in enumerate(self.layers):
+            h = layer.forward_batch(h, cos, sin, plan, i)
+        return self.output(self.norm(h[plan.last_rows])).float()
 
     def forward(
         self, tokens: torch.Tensor, start_pos: int = 0, cache: KVCache | None = None, last_only: bool = False

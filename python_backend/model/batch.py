@@ -1,0 +1,176 @@
+"""In-flight batching: one forward pass over many sequences' new tokens.
+
+Every running sequence owns a slot of a shared KV cache. A step's tokens are flattened into
+one [N, dim] tensor so the linear layers (and the MoE experts) run once for all sequences;
+attention is per kind of segment:
+- decode tokens (one per sequence) attend together, in one call, over the slot range in use;
+- prefill chunks attend one sequence at a time over that sequence's cache plus the chunk.
+
+Slots hold `capacity` positions. With a sliding window the slot is a rolling buffer of the
+window's size (position p lives at p % capacity), so memory is bounded by the window, not by
+the sequence length. Keys are stored rotated, so their order in the buffer does not matter;
+each entry's absolute position is kept for the masks.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from .args import ModelArgs
+
+
+class SlotKVCache:
+    """Keys and values of up to `n_slots` sequences: [n_layers, 2, n_slots, n_kv_heads, capacity, head_dim].
+
+    The tensor is allocated empty: the operating system backs its pages only once they are
+    written, so unused slots and positions cost address space, not memory.
+    """
+
+    def __init__(self, args: ModelArgs, n_slots: int, max_seq_len: int, dtype: torch.dtype,
+                 device: torch.device | str = "cpu"):
+        if n_slots < 1:
+            raise ValueError(f"the KV cache needs at least one slot, got {n_slots}")
+        self.window = args.sliding_window
+        self.capacity = min(max_seq_len, self.window) if self.window else max_seq_len
+        self.kv = torch.empty(args.n_layers, 2, n_slots, args.n_kv_heads, self.capacity, args.head_dim,
+                              dtype=dtype, device=device)
+        # Absolute position held by each entry; -1 = empty.
+        self.positions = torch.full((n_slots, self.capacity), -1, dtype=torch.long, device=device)
+        self.lengths = [0] * n_slots  # positions written so far, per slot
+        self._free = list(range(n_slots))
+
+    @property
+    def n_slots(self) -> int:
+        return len(self.lengths)
+
+    @property
+    def free_slots(self) -> int:
+        return len(self._free)
+
+    def used_entries(self) -> int:
+        """Cache entries holding a live key (for the usage metric)."""
+        return sum(min(length, self.capacity) for length in self.lengths)
+
+    def allocate(self) -> int:
+        """The lowest free slot: keeping used slots low keeps the decode range tight."""
+        if not self._free:
+            raise RuntimeError("no free KV cache slot")
+        self._free.sort()
+        return self._free.pop(0)
+
+    def release(self, slot: int) -> None:
+        self.positions[slot].fill_(-1)
+        self.lengths[slot] = 0
+        self._free.append(slot)
+
+
+@dataclass
+class Segment:
+    """New tokens of one sequence in a step: `n_tokens` from position `start_pos` in `slot`."""
+
+    slot: int
+    start_pos: int
+    n_tokens: int
+
+
+class BatchPlan:
+    """Where each segment's tokens sit in the flattened batch, and the attention masks of the step.
+
+    Built once per step (the masks are the same for every layer) before any key is written.
+    """
+
+    def __init__(self, segments: list[Segment], cache: SlotKVCache, device: torch.device):
+        self.segments = segments
+        self.cache = cache
+        window = cache.window
+        capacity = cache.capacity
+        offsets, total = [], 0
+        for seg in segments:
+            offsets.append(total)
+            total += seg.n_tokens
+        self.n_tokens = total
+        self.offsets = offsets
+        positions = [torch.arange(s.start_pos, s.start_pos + s.n_tokens) for s in segments]
+        self.token_positions = torch.cat(positions).to(device)
+        # Rows of the last token of every segment: their logits are the step's output.
+        self.last_rows = torch.tensor([o + s.n_tokens - 1 for o, s in zip(offsets, segments)], device=device)
+
+        decode = [i for i, s in enumerate(segments) if s.n_tokens == 1 and s.start_pos > 0]
+        self.decode = decode
+        if decode:
+            slots = [segments[i].slot for i in decode]
+            query_pos = torch.tensor([segments[i].start_pos for i in decode], device=device)
+            self.decode_rows = torch.tensor([offsets[i] for i in decode], device=device)
+            self.decode_slots = torch.tensor(slots, device=device)
+            self.decode_write_index = query_pos % capacity
+            self.slot_range = max(slots) + 1
+            self.decode_len = min(capacity, int(query_pos.max()) + 1)
+            # Record the new positions first: each decode query also attends to its own key.
+            cache.positions[self.decode_slots, self.decode_write_index] = query_pos
+            keys = cache.positions[: self.slot_range, : self.decode_len]
+            q = torch.zeros(self.slot_range, dtype=torch.long, device=device)
+            q[self.decode_slots] = query_pos
+            mask = (keys >= 0) & (keys <= q[:, None])
+            if window:
+                mask &= keys > q[:, None] - window
+            # Slots without a decode token this step get a harmless query; their output is dropped.
+            idle = torch.ones(self.slot_range, dtype=torch.bool, device=device)
+            idle[self.decode_slots] = False
+            mask[idle, 0] = True
+            self.decode_mask = mask[:, None, None, :]
+            for i in decode:
+                cache.lengths[segments[i].slot] = segments[i].start_pos + 1
+
+        self.prefill = []  # (segment index, cached length, mask [T, cached + T], write slice)
+        for i, seg in enumerate(segments):
+            if i in decode:
+                continue
+            if seg.start_pos != cache.lengths[seg.slot]:
+                raise ValueError(
+                    f"slot {seg.slot} holds {cache.lengths[seg.slot]} positions; cannot continue at {seg.start_pos}"
+                )
+            cached = min(seg.start_pos, capacity)
+            key_pos = torch.cat([cache.positions[seg.slot, :cached],
+                                 torch.arange(seg.start_pos, seg.start_pos + seg.n_tokens, device=device)])
+            q = torch.arange(seg.start_pos, seg.start_pos + seg.n_tokens, device=device)[:, None]
+            mask = (key_pos[None, :] >= 0) & (key_pos[None, :] <= q)
+            if window:
+                mask &= key_pos[None, :] > q - window
+            # Only the last `capacity` new keys survive in a rolling buffer.
+            keep = min(seg.n_tokens, capacity)
+            kept_pos = torch.arange(seg.start_pos + seg.n_tokens - keep, seg.start_pos + seg.n_tokens, device=device)
+            self.prefill.append((i, cached, mask, seg.n_tokens - keep, kept_pos % capacity))
+            cache.positions[seg.slot, kept_pos % capacity] = kept_pos
+            cache.lengths[seg.slot] = seg.start_pos + seg.n_tokens
+
+
+def batched_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: BatchPlan, layer: int) -> torch.Tensor:
+    """Attention output [N, n_heads, head_dim] for rotated q [N, H, D], k and v [N, KV, D]; writes k, v."""
+    cache = plan.cache
+    out = torch.empty_like(q)
+    if plan.decode:
+        rows, slots, index = plan.decode_rows, plan.decode_slots, plan.decode_write_index
+        cache.kv[layer, 0, slots, :, index] = k[rows]
+        cache.kv[layer, 1, slots, :, index] = v[rows]
+        keys = cache.kv[layer, 0, : plan.slot_range, :, : plan.decode_len]
+        values = cache.kv[layer, 1, : plan.slot_range, :, : plan.decode_len]
+        queries = q.new_zeros(plan.slot_range, q.shape[1], 1, q.shape[2])
+        queries[slots, :, 0] = q[rows]
+        attended = torch.nn.functional.scaled_dot_product_attention(
+            queries, keys, values, attn_mask=plan.decode_mask, enable_gqa=True
+        )
+        out[rows] = attended[slots, :, 0]
+    for index, cached, mask, first_kept, write_index in plan.prefill:
+        seg, start = plan.segments[index], plan.offsets[index]
+        rows = slice(start, start + seg.n_tokens)
+        new_k, new_v = k[rows].transpose(0, 1), v[rows].transpose(0, 1)  # [KV, T, D]
+        keys = torch.cat([cache.kv[layer, 0, seg.slot, :, :cached], new_k], dim=1)
+        values = torch.cat([cache.kv[layer, 1, seg.slot, :, :cached], new_v], dim=1)
+        attended = torch.nn.functional.scaled_dot_product_attention(
+            q[rows].transpose(0, 1)[None], keys[None], values[None], attn_mask=mask, enable_gqa=True
+        )
+        out[rows] = attended[0].transpose(0, 1)
+        cache.kv[layer, 0, seg.slot, :, write_index] = new_k[:, first_kept:]
+        cache.kv[layer, 1, seg.slot, :, write_index] = new_v[:, first_kept:]
+    return out
