@@ -1,0 +1,76 @@
+"""Batched forward over the slot KV cache equals each sequence's own forward pass."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from plateforme.python_backend.model import Segment, load_model
+
+
+@pytest.fixture(scope="module", params=["tiny_mistral_dir", "tiny_mixtral_dir"])
+def model(request):
+    return load_model(request.getfixturevalue(request.param), dtype=torch.float32)
+
+
+def last_logits(model, ids):
+    with torch.inference_mode():
+        return model(torch.tensor(ids))[-1]
+
+
+def test_mixed_prefill_chunks_and_decodes_match_single_sequences(model):
+    generator = torch.Generator().manual_seed(0)
+    prompts = [torch.randint(3, model.args.vocab_size, (n,), generator=generator).tolist() for n in (40, 7, 23, 1)]
+    cache = model.new_slot_cache(6, 256)
+    slots = [cache.allocate() for _ in prompts]
+    sequences = [list(p) for p in prompts]
+    with torch.inference_mode():
+        # Step 1: the first 25 tokens of the long prompt, the other prompts whole.
+        segments = [Segment(slots[0], 0, 25)] + [Segment(slots[i], 0, len(prompts[i])) for i in (1, 2, 3)]
+        tokens = prompts[0][:25] + prompts[1] + prompts[2] + prompts[3]
+        out = model.forward_batch(torch.tensor(tokens), segments, cache)
+        expected = [last_logits(model, prompts[0][:25])] + [last_logits(model, prompts[i]) for i in (1, 2, 3)]
+        torch.testing.assert_close(out, torch.stack(expected), atol=1e-5, rtol=0)
+        # Then: the rest of the long prompt beside decode steps, and 30 decode steps for all.
+        for step in range(31):
+            if step == 0:
+                segments = [Segment(slots[0], 25, 15)]
+                tokens = prompts[0][25:]
+                decoding = (1, 2, 3)
+            else:
+                segments, tokens, decoding = [], [], (0, 1, 2, 3)
+            for i in decoding:
+                token = int(out[i].argmax())
+                segments.append(Segment(slots[i], len(sequences[i]), 1))
+                sequences[i].append(token)
+                tokens.append(token)
+            out = model.forward_batch(torch.tensor(tokens), segments, cache)
+        expected = torch.stack([last_logits(model, s) for s in sequences])
+        torch.testing.assert_close(out, expected, atol=1e-5, rtol=0)
+    assert len(sequences[0]) > 2 * (model.args.sliding_window or 0)  # well past a rolling window
+
+
+def test_sliding_window_cache_is_bounded_by_the_window(tiny_mistral_dir):
+    model = load_model(tiny_mistral_dir, dtype=torch.float32)
+    cache = model.new_slot_cache(2, 256)
+    assert cache.capacity == model.args.sliding_window == 16
+    assert cache.kv.shape[-2] == 16
+
+
+def test_released_slot_is_reused_cleanly(model):
+    cache = model.new_slot_cache(1, 64)
+    with torch.inference_mode():
+        slot = cache.allocate()
+        model.forward_batch(torch.tensor([5, 6, 7, 8, 9]), [Segment(slot, 0, 5)], cache)
+        cache.release(slot)
+        slot = cache.allocate()
+        out = model.forward_batch(torch.tensor([11, 12, 13]), [Segment(slot, 0, 3)], cache)
+    torch.testing.assert_close(out[0], last_logits(model, [11, 12, 13]), atol=1e-5, rtol=0)
+    with pytest.raises(RuntimeError, match="no free"):
+        cache.allocate()
+
+
+def test_a_gap_in_positions_is_refused(model):
+    cache = model.new_slot_cache(1, 64)
+    slot = cache.allocate()
+    with pytest.raises(ValueError, match="cannot continue"):
+        model.forward_batch(torch.tensor([1, 2]), [Segment(slot, 3, 2)], cache)
