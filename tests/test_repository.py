@@ -75,6 +75,11 @@ def test_render_repository_layout(tmp_path, tiny_mistral_dir, tiny_mixtral_dir):
 def test_render_tensorrtllm_engine_variant(tmp_path, tiny_mistral_dir):
     engine_dir = tmp_path / "engine"
     engine_dir.mkdir()
+    # What trtllm-build writes beside the engines (the render checks the engine's vocabulary).
+    (engine_dir / "config.json").write_text(json.dumps(
+        {"version": "0.99.0", "pretrained_config": {"vocab_size": 32768, "mapping": {"world_size": 1}},
+         "build_config": {"max_batch_size": 64, "max_seq_len": 256}}))
+    (engine_dir / "rank0.engine").write_bytes(b"")
     out = render_repository(tmp_path / "repo", chat=[
         ChatEndpoint("mistral-tiny", tiny_mistral_dir, engine="tensorrtllm", engine_dir=engine_dir,
                      max_attention_window_size=4096),
