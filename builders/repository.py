@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 
+from plateforme.builders import engine_manifest
 from plateforme.builders.atomic import atomic_directory
 from plateforme.builders.fill_template import fill_template
 
@@ -49,12 +50,17 @@ class ChatEndpoint:
     engine: str = "pytorch"
     engine_dir: Path | None = None  # TensorRT-LLM engine directory (engine == "tensorrtllm")
     dtype: str = "bfloat16"
-    max_batch_size: int = 64
+    max_batch_size: int = 16  # also the engine's in-flight batch (KV cache slots)
+    max_num_tokens: int = 512  # tokens per engine step
+    batch_scheduler_policy: str = "guaranteed_no_evict"
+    max_queue_size: int = 0  # 0: unbounded
+    max_queue_delay_ms: int = 0  # 0: no limit
     max_seq_len: int = 0  # 0: the model's own context length
     default_max_tokens: int = 256
     num_threads: int = 0  # 0: torch's default
     instance_count: int = 1
-    max_attention_window_size: int = 0  # TensorRT-LLM: Mistral's sliding window; 0: not set
+    max_attention_window_size: int = 0  # TensorRT-LLM: 0 = the engine's sliding window (Mistral), if any
+    kv_cache_free_gpu_mem_fraction: float = 0.9  # TensorRT-LLM: GPU memory left after load given to the KV cache
 
 
 @dataclass
@@ -98,6 +104,56 @@ def _check_chat_model_dir(endpoint: ChatEndpoint) -> None:
         raise RepositoryError(f"{endpoint.name}: --engine tensorrtllm needs an existing engine directory")
 
 
+def _check_engine(endpoint: ChatEndpoint) -> engine_manifest.EngineFacts:
+    """The TensorRT-LLM engine's facts, refusing one built by another TensorRT-LLM than the installed one
+    or whose vocabulary does not match the endpoint's tokenizer."""
+    if not 0 < endpoint.kv_cache_free_gpu_mem_fraction <= 1:
+        raise RepositoryError(
+            f"{endpoint.name}: kv_cache_free_gpu_mem_fraction must be in (0, 1], "
+            f"got {endpoint.kv_cache_free_gpu_mem_fraction}"
+        )
+    try:
+        facts = engine_manifest.check_engine(
+            endpoint.engine_dir, endpoint.model_dir, engine_manifest.installed_trtllm_version()
+        )
+    except engine_manifest.EngineCheckError as exc:
+        raise RepositoryError(f"{endpoint.name}: {exc}") from None
+    if facts.max_batch_size and endpoint.max_batch_size > facts.max_batch_size:
+        raise RepositoryError(
+            f"{endpoint.name}: max_batch_size {endpoint.max_batch_size} exceeds the {facts.max_batch_size} the "
+            f"engine was built for; lower it or rebuild: {facts.rebuild_hint()}"
+        )
+    return facts
+
+
+def launch_command(
+    repository: str | Path,
+    world_size: int,
+    engine_models: list[str],
+    tritonserver: str = "tritonserver",
+    http_port: int = 8000,
+    grpc_port: int = 8001,
+    metrics_port: int = 8002,
+) -> list[str]:
+    """The multi-GPU launch the tensorrtllm backend expects: one MPI rank (one tritonserver) per GPU.
+
+    Rank 0 serves every model; the other ranks load only the TensorRT-LLM engine models and take
+    part in their computation. Each rank keeps its own python-backend shared-memory prefix.
+    (tensorrtllm_backend's scripts/launch_triton_server.py builds the same command.)
+    """
+    command = ["mpirun", "--allow-run-as-root"]
+    for rank in range(world_size):
+        command += ["-n", "1", tritonserver, f"--model-repository={Path(repository).absolute()}",
+                    f"--http-port={http_port}", f"--grpc-port={grpc_port}", f"--metrics-port={metrics_port}"]
+        if rank:
+            command += ["--model-control-mode=explicit", *(f"--load-model={m}" for m in engine_models)]
+        command += ["--disable-auto-complete-config",
+                    f"--backend-config=python,shm-region-prefix-name=prefix{rank}_"]
+        if rank < world_size - 1:
+            command.append(":")
+    return command
+
+
 def _render_model(templates: Path, kind: str, out: Path, name: str, values: dict) -> None:
     source = templates / kind
     target = out / name
@@ -108,8 +164,11 @@ def _render_model(templates: Path, kind: str, out: Path, name: str, values: dict
         shutil.copy(source / "1" / "model.py", target / "1" / "model.py")
 
 
-def _chat_models(endpoint: ChatEndpoint) -> dict[str, tuple[str, dict]]:
-    """model name -> (template, placeholder values) for one chat endpoint."""
+def _chat_models(
+    endpoint: ChatEndpoint, facts: engine_manifest.EngineFacts | None = None
+) -> dict[str, tuple[str, dict]]:
+    """model name -> (template, placeholder values) for one chat endpoint (`facts`: those of its
+    TensorRT-LLM engine)."""
     name = endpoint.name
     tokenizer_dir = str(Path(endpoint.model_dir).absolute())
     batch = endpoint.max_batch_size
@@ -154,6 +213,10 @@ def _chat_models(endpoint: ChatEndpoint) -> dict[str, tuple[str, dict]]:
             "max_seq_len": endpoint.max_seq_len,
             "exclude_input_in_output": "true",
             "num_threads": endpoint.num_threads,
+            "max_num_tokens": endpoint.max_num_tokens,
+            "batch_scheduler_policy": endpoint.batch_scheduler_policy,
+            "max_queue_size": endpoint.max_queue_size,
+            "max_queue_delay_ms": endpoint.max_queue_delay_ms,
         })
     else:
         values = {
@@ -164,11 +227,15 @@ def _chat_models(endpoint: ChatEndpoint) -> dict[str, tuple[str, dict]]:
             "max_beam_width": 1,
             "exclude_input_in_output": "true",
             "tokenizer_dir": tokenizer_dir,
-            "batch_scheduler_policy": "guaranteed_no_evict",
-            "kv_cache_free_gpu_mem_fraction": "0.9",
+            "batch_scheduler_policy": endpoint.batch_scheduler_policy,
+            "kv_cache_free_gpu_mem_fraction": str(endpoint.kv_cache_free_gpu_mem_fraction),
         }
-        if endpoint.max_attention_window_size:
-            values["max_attention_window_size"] = endpoint.max_attention_window_size
+        # Mistral's sliding window is a run-time setting of TensorRT-LLM: its KV cache keeps that many tokens.
+        window = endpoint.max_attention_window_size or (facts.sliding_window if facts else None)
+        if window:
+            values["max_attention_window_size"] = window
+        if not endpoint.max_seq_len and facts and facts.max_seq_len:
+            models[pre][1]["max_seq_len"] = facts.max_seq_len  # prompts longer than the engine's are refused
         models[engine] = ("tensorrt_llm", values)
     return models
 
@@ -185,9 +252,19 @@ def render_repository(
     duplicates = {n for n in names if names.count(n) > 1}
     if duplicates:
         raise RepositoryError(f"endpoint name(s) used twice: {sorted(duplicates)}")
+    engines: dict[str, engine_manifest.EngineFacts] = {}
     for endpoint in chat:
         _check_name(endpoint.name)
         _check_chat_model_dir(endpoint)
+        if endpoint.engine == "tensorrtllm":
+            engines[endpoint.name] = _check_engine(endpoint)
+    world_sizes = {facts.world_size for facts in engines.values()}
+    if len(world_sizes) > 1:
+        sizes = ", ".join(f"{name}: {facts.world_size}" for name, facts in engines.items())
+        raise RepositoryError(
+            f"TensorRT-LLM engines of different world sizes ({sizes}) cannot share one MPI launch; "
+            "render them into separate repositories"
+        )
     for endpoint in embeddings:
         _check_name(endpoint.name)
         if not (Path(endpoint.model_dir) / "config.json").is_file():
@@ -195,7 +272,7 @@ def render_repository(
     templates = templates_root()
     with atomic_directory(out_dir) as tmp:
         for endpoint in chat:
-            for model_name, (kind, values) in _chat_models(endpoint).items():
+            for model_name, (kind, values) in _chat_models(endpoint, engines.get(endpoint.name)).items():
                 _render_model(templates, kind, tmp, model_name, values)
         for endpoint in embeddings:
             _render_model(templates, "embedding", tmp, endpoint.name, {
@@ -208,5 +285,11 @@ def render_repository(
                      for e in chat},
             "embeddings": {e.name: {"model_dir": str(Path(e.model_dir).absolute())} for e in embeddings},
         }
+        for name, facts in engines.items():
+            manifest["chat"][name].update(engine_dir=str(Path(facts.engine_dir).absolute()),
+                                          world_size=facts.world_size,
+                                          tensorrt_llm_version=facts.tensorrt_llm_version)
+        if world_sizes and max(world_sizes) > 1:
+            manifest["launch"] = launch_command(out_dir, max(world_sizes), [f"{n}-engine" for n in engines])
         (tmp / "plateforme.json").write_text(json.dumps(manifest, indent=2) + "\n")
     return Path(out_dir)

@@ -108,7 +108,9 @@ def cmd_repo(args) -> int:
                 engine_dir=engine_dirs.get(name),
                 dtype=args.dtype,
                 max_batch_size=args.max_batch_size,
+                max_num_tokens=args.max_num_tokens,
                 max_seq_len=args.max_seq_len,
+                kv_cache_free_gpu_mem_fraction=args.kv_cache_free_gpu_mem_fraction,
             )
             for name, path in chat_dirs.items()
         ]
@@ -122,6 +124,55 @@ def cmd_repo(args) -> int:
         print(f"  chat       {endpoint.name:<16} {endpoint.engine:<12} {endpoint.model_dir}")
     for endpoint in embeddings:
         print(f"  embedding  {endpoint.name:<16} {'pytorch':<12} {endpoint.model_dir}")
+    launch = json.loads((out / "plateforme.json").read_text()).get("launch")
+    if launch:
+        import shlex
+
+        print("TensorRT-LLM engines span several GPUs: start one tritonserver per GPU under MPI\n"
+              f"(NVIDIA's Triton TRT-LLM container):\n  {shlex.join(launch)}")
+    return 0
+
+
+def cmd_convert(args) -> int:
+    from plateforme.builders.convert import convert_checkpoint
+    from plateforme.builders.mapping import Mapping
+
+    mapping = Mapping.create(args.tp, args.pp, args.moe_tp, args.moe_ep)
+    result = convert_checkpoint(args.hf_dir, args.out_dir, dtype=args.dtype, mapping=mapping,
+                                progress=not args.quiet)
+    total = sum(result.files.values())
+    print(f"TensorRT-LLM checkpoint written to {result.out_dir}: {result.architecture}, {result.dtype}, "
+          f"{mapping.describe(moe=result.architecture == 'MixtralForCausalLM')}, {total / 1e9:.2f} GB")
+    if result.sliding_window:
+        print(f"  sliding window {result.sliding_window}: served as max_attention_window_size")
+    print(f"  next: plateforme build {result.out_dir} ENGINE_DIR")
+    return 0
+
+
+def cmd_build(args) -> int:
+    import shlex
+
+    from plateforme.builders.convert import read_checkpoint_config
+    from plateforme.builders.trtllm_build import PROFILES, build_engine, default_profile
+
+    name = args.profile or default_profile(read_checkpoint_config(args.checkpoint_dir))
+    profile = PROFILES[name].with_overrides(
+        max_batch_size=args.max_batch_size,
+        max_input_len=args.max_input_len,
+        max_output_len=args.max_output_len,
+        max_num_tokens=args.max_num_tokens,
+        moe_plugin=args.moe_plugin,
+        workers=args.workers,
+    )
+    plan = build_engine(args.checkpoint_dir, args.engine_dir, profile, dry_run=True)
+    if args.dry_run:
+        print(shlex.join(plan.command))
+        return 0
+    print(f"running: {shlex.join(plan.command)}", flush=True)
+    result = build_engine(args.checkpoint_dir, args.engine_dir, profile, tokenizer_dir=args.tokenizer_dir)
+    manifest = result.manifest
+    print(f"engine written to {result.engine_dir}: TensorRT-LLM {manifest.tensorrt_llm_version}, "
+          f"TensorRT {manifest.tensorrt_version}, {manifest.gpu}")
     return 0
 
 
@@ -161,8 +212,11 @@ def _serve_until_signal(server, on_ready=None, once: bool = False) -> int:
 
 
 def cmd_serve(args) -> int:
+    from plateforme.builders.engine_manifest import check_repository_engines
     from plateforme.server import TritonServer
 
+    # TensorRT-LLM engines must match the TensorRT-LLM installed here and their tokenizers.
+    check_repository_engines(args.model_repository)
     server = TritonServer(_server_config(args, Path(args.model_repository)))
     print(f"Starting tritonserver on {args.model_repository} (log: {server.log_path})", flush=True)
     return _serve_until_signal(server)
@@ -276,12 +330,61 @@ def build_parser() -> argparse.ArgumentParser:
                         "PyTorch engine")
     p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"],
                    help="PyTorch engine dtype (default bfloat16)")
-    p.add_argument("--max-batch-size", type=int, default=64, help="Triton max_batch_size (default 64)")
+    p.add_argument("--max-batch-size", type=int, default=16,
+                   help="Triton max_batch_size; for the PyTorch engine also the in-flight batch (default 16)")
+    p.add_argument("--max-num-tokens", type=int, default=512,
+                   help="PyTorch engine: most tokens in one step, decodes and prefill chunks (default 512)")
     p.add_argument("--max-seq-len", type=int, default=0,
                    help="context length in tokens (default: the checkpoint's, capped at 8192)")
+    p.add_argument("--kv-cache-free-gpu-mem-fraction", type=float, default=0.9,
+                   help="TensorRT-LLM engines: share of the GPU memory left after loading given to the KV "
+                        "cache (default 0.9; lower it if the GPU also runs other work)")
     p.add_argument("--assets-dir", type=Path, help="demo assets directory")
     p.add_argument("--quiet", action="store_true", help="no progress output")
     p.set_defaults(func=cmd_repo)
+
+    p = sub.add_parser("convert", help="HF checkpoint -> TensorRT-LLM checkpoint (rank files)",
+                       description="Convert a Hugging Face safetensors checkpoint (MistralForCausalLM, "
+                                   "MixtralForCausalLM, LlamaForCausalLM) into a TensorRT-LLM checkpoint: "
+                                   "config.json and one rank{N}.safetensors per GPU. Streams tensor by tensor "
+                                   "(memory stays far below the checkpoint's size); OUT_DIR appears only when "
+                                   "complete.")
+    p.add_argument("hf_dir", type=Path, help="Hugging Face checkpoint directory (config.json + safetensors)")
+    p.add_argument("out_dir", type=Path, help="TensorRT-LLM checkpoint directory to write (replaced if it is one)")
+    p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"],
+                   help="weight dtype (default bfloat16); MoE routers stay float32")
+    p.add_argument("--tp", type=int, default=1, help="tensor-parallel size (default 1)")
+    p.add_argument("--pp", type=int, default=1, help="pipeline-parallel size (default 1); GPUs = tp x pp")
+    p.add_argument("--moe-tp", type=int, help="MoE tensor-parallel size (default: tp / moe-ep, or tp)")
+    p.add_argument("--moe-ep", type=int, help="MoE expert-parallel size; moe-tp x moe-ep must equal tp")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=cmd_convert)
+
+    from plateforme.builders.trtllm_build import MOE_PLUGINS, PROFILES
+
+    p = sub.add_parser("build", help="TensorRT-LLM checkpoint -> engine, with trtllm-build",
+                       description="Build a TensorRT-LLM engine from a checkpoint written by `plateforme convert`, "
+                                   "with the endpoint's build profile, and write plateforme-engine.json (versions, "
+                                   "flags, digests, GPU) beside it. Needs TensorRT-LLM and an NVIDIA GPU "
+                                   "(pip install 'plateforme[tensorrt-llm]' from NVIDIA's index, Python 3.10/3.12); "
+                                   "--dry-run only prints the trtllm-build command.")
+    p.add_argument("checkpoint_dir", type=Path, help="TensorRT-LLM checkpoint directory")
+    p.add_argument("engine_dir", type=Path, help="engine directory to write (replaced if it holds an engine)")
+    p.add_argument("--profile", choices=sorted(PROFILES),
+                   help="build profile of the endpoint (default: mistral-small for MoE checkpoints, "
+                        "mistral-tiny otherwise)")
+    p.add_argument("--max-batch-size", type=int, help="requests batched in flight")
+    p.add_argument("--max-input-len", type=int, help="longest prompt, in tokens")
+    p.add_argument("--max-output-len", type=int, help="longest answer, in tokens")
+    p.add_argument("--max-num-tokens", type=int, help="tokens per engine step, all requests together")
+    p.add_argument("--moe-plugin", choices=MOE_PLUGINS,
+                   help="MoE layers: TensorRT-LLM's plugin (builtin, default), plateforme's fused MoE kernel "
+                        "(custom), or TensorRT-LLM's plugin-free layers (none)")
+    p.add_argument("--workers", type=int, help="ranks built in parallel (at most the GPUs present)")
+    p.add_argument("--tokenizer-dir", type=Path,
+                   help="tokenizer to record in the manifest (default: the checkpoint's source directory)")
+    p.add_argument("--dry-run", action="store_true", help="print the trtllm-build command and exit")
+    p.set_defaults(func=cmd_build)
 
     p = sub.add_parser("serve", help="run tritonserver on a model repository",
                        description="Run a real tritonserver (from PATH or the nvidia-pytriton wheel) on a "

@@ -1,23 +1,29 @@
-"""Step-based generation engine over the PyTorch model.
+"""Step-based generation engine over the PyTorch model, with in-flight batching.
 
-Callers add requests, then call :meth:`Engine.step` while :meth:`Engine.has_work`; every step
-advances each active request by one token and reports what it may now release. The engine is
-not thread-safe: callers serialise ``add_request``, ``cancel`` and ``step`` (e.g. with one lock).
+Callers add requests, then call :meth:`Engine.step` while :meth:`Engine.has_work`. Each step:
+cancelled and expired requests leave; queued requests join while KV cache slots are free; then
+ONE forward pass runs every running sequence's next token together with prefill chunks of newly
+joined ones, under a budget of `max_num_tokens` tokens per step (chunked prefill, so a long
+prompt never stalls the decoding of the others). Each request keeps its own sampling state.
+The engine is not thread-safe: callers serialise ``add_request``, ``cancel`` and ``step``.
 """
 from __future__ import annotations
 
+import time
+from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
 import torch
 
-from .model import KVCache, Transformer, load_model
+from .errors import EngineBusy
+from .model import Segment, Transformer, load_model
 from .sampling import Sampler, SamplingParams
 
-FinishReason = Literal["end_id", "stop", "length", "model_length", "cancelled"]
+FinishReason = Literal["end_id", "stop", "length", "model_length", "cancelled", "error"]
 
-# Longest context served by default, whatever the checkpoint allows: KV caches are preallocated.
+# Longest context served by default, whatever the checkpoint allows.
 DEFAULT_MAX_SEQ_LEN = 8192
 
 _DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
@@ -35,6 +41,16 @@ class StepOutput:
     prompt_len: int
     # Tokens the model generated so far, end_id and stop-word tokens included.
     generated_len: int
+    # Why the request failed (finish_reason "error").
+    error: str | None = None
+
+
+@dataclass
+class EngineStats:
+    running: int
+    queued: int
+    kv_cache_used: int  # cache entries holding a live key
+    kv_cache_capacity: int
 
 
 @dataclass
@@ -43,7 +59,10 @@ class _Sequence:
     prompt: list[int]
     params: SamplingParams
     sampler: Sampler
-    cache: KVCache
+    arrival: float
+    slot: int | None = None
+    # Prompt tokens already run through the model.
+    prefilled: int = 0
     # Sampled tokens, end_id excepted, and their log-probabilities.
     tokens: list[int] = field(default_factory=list)
     log_probs: list[float] = field(default_factory=list)
@@ -61,11 +80,22 @@ class Engine:
         dtype: str | torch.dtype = "bfloat16",
         max_seq_len: int | None = None,
         device: str | torch.device = "cpu",
+        max_batch_size: int = 16,
+        max_num_tokens: int = 512,
+        max_queue_size: int = 0,
+        queue_timeout_s: float = 0.0,
     ):
+        """``max_batch_size`` sequences run at once (KV cache slots); ``max_num_tokens`` bounds the
+        tokens of one step; ``max_queue_size`` (0: unbounded) requests may wait for a slot, each at most
+        ``queue_timeout_s`` seconds (0: no limit)."""
         if isinstance(dtype, str):
             if dtype not in _DTYPES:
                 raise ValueError(f"unsupported dtype {dtype!r}: expected one of {sorted(_DTYPES)}")
             dtype = _DTYPES[dtype]
+        for name, value, minimum in (("max_batch_size", max_batch_size, 1), ("max_num_tokens", max_num_tokens, 1),
+                                     ("max_queue_size", max_queue_size, 0)):
+            if type(value) is not int or value < minimum:
+                raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
         self.model: Transformer = load_model(model_dir, dtype=dtype, device=device)
         limit = self.model.args.max_position_embeddings
         if max_seq_len is None:
@@ -75,7 +105,13 @@ class Engine:
                 f"max_seq_len must be an integer in 2..{limit} (max_position_embeddings), got {max_seq_len}"
             )
         self._max_seq_len = max_seq_len
+        self.max_num_tokens = max_num_tokens
+        self.max_queue_size = max_queue_size
+        self.queue_timeout_s = queue_timeout_s
+        self.cache = self.model.new_slot_cache(max_batch_size, max_seq_len)
         self._sequences: dict[str, _Sequence] = {}
+        self._waiting: deque[_Sequence] = deque()
+        self._running: list[_Sequence] = []
 
     @property
     def vocab_size(self) -> int:
@@ -87,7 +123,7 @@ class Engine:
         return self._max_seq_len
 
     def add_request(self, request_id: str, prompt_ids: list[int], params: SamplingParams) -> None:
-        """Queue a request; it produces its first token at the next step."""
+        """Queue a request; it joins the running batch at the next step with a free slot."""
         if request_id in self._sequences:
             raise ValueError(f"request {request_id!r} is already running")
         if not prompt_ids:
@@ -102,17 +138,15 @@ class Engine:
                 f"prompt has {len(prompt_ids)} tokens but the model's context is {self.max_seq_len} tokens"
             )
         params.validate(self.vocab_size)
+        if self.max_queue_size and len(self._waiting) >= self.max_queue_size:
+            raise EngineBusy(f"the engine is busy: {len(self._waiting)} requests are already queued")
         prompt = list(prompt_ids)
-        self._sequences[request_id] = _Sequence(
-            request_id=request_id,
-            prompt=prompt,
-            params=params,
-            sampler=Sampler(params, self.vocab_size, prompt),
-            cache=self.model.new_cache(min(self.max_seq_len, len(prompt) + params.max_tokens)),
-        )
+        seq = _Sequence(request_id, prompt, params, Sampler(params, self.vocab_size, prompt), time.monotonic())
+        self._sequences[request_id] = seq
+        self._waiting.append(seq)
 
     def cancel(self, request_id: str) -> None:
-        """Finish the request at the next step with reason "cancelled".
+        """Finish the request at the next step with reason "cancelled", freeing its slot.
 
         Unknown ids (e.g. of requests that finished meanwhile) are ignored."""
         if request_id in self._sequences:
@@ -121,24 +155,70 @@ class Engine:
     def has_work(self) -> bool:
         return bool(self._sequences)
 
+    def stats(self) -> EngineStats:
+        return EngineStats(
+            running=len(self._running),
+            queued=len(self._waiting),
+            kv_cache_used=self.cache.used_entries(),
+            kv_cache_capacity=self.cache.n_slots * self.cache.capacity,
+        )
+
     def step(self) -> list[StepOutput]:
-        """Advance every active request by one token."""
+        """Advance every running request by one token (or one prefill chunk)."""
+        outputs = self._retire_waiting()
+        for seq in [s for s in self._running if s.cancelled]:
+            outputs.append(self._finish(seq, "cancelled", len(seq.tokens)))
+        while self._waiting and self.cache.free_slots:
+            seq = self._waiting.popleft()
+            seq.slot = self.cache.allocate()
+            self._running.append(seq)
+        if self._running:
+            outputs.extend(self._forward())
+        return outputs
+
+    def _retire_waiting(self) -> list[StepOutput]:
         outputs = []
-        for seq in list(self._sequences.values()):
-            out = self._finish(seq, "cancelled", len(seq.tokens)) if seq.cancelled else self._advance(seq)
-            if out.finished:
-                del self._sequences[seq.request_id]
-            outputs.append(out)
+        now = time.monotonic()
+        for seq in list(self._waiting):
+            if seq.cancelled:
+                outputs.append(self._finish(seq, "cancelled", 0))
+            elif self.queue_timeout_s and now - seq.arrival > self.queue_timeout_s:
+                out = self._finish(seq, "error", 0)
+                out.error = f"the request waited {now - seq.arrival:.1f} s for a free slot (limit {self.queue_timeout_s} s)"
+                outputs.append(out)
         return outputs
 
     @torch.inference_mode()
-    def _advance(self, seq: _Sequence) -> StepOutput:
-        if seq.tokens:  # decode: feed the last token
-            tokens, start_pos = seq.tokens[-1:], len(seq.prompt) + len(seq.tokens) - 1
-        else:  # prefill
-            tokens, start_pos = seq.prompt, 0
+    def _forward(self) -> list[StepOutput]:
+        segments, tokens, owners = [], [], []
+        budget = self.max_num_tokens
+        for seq in self._running:  # decode steps first: running sequences never wait
+            if seq.prefilled == len(seq.prompt):
+                position = len(seq.prompt) + len(seq.tokens) - 1
+                segments.append(Segment(seq.slot, position, 1))
+                tokens.append(seq.tokens[-1])
+                owners.append(seq)
+                budget -= 1
+        for seq in self._running:  # then prefill chunks, oldest first, within the budget
+            remaining = len(seq.prompt) - seq.prefilled
+            if remaining and budget > 0:
+                chunk = min(remaining, budget)
+                segments.append(Segment(seq.slot, seq.prefilled, chunk))
+                tokens.extend(seq.prompt[seq.prefilled : seq.prefilled + chunk])
+                seq.prefilled += chunk
+                owners.append(seq)
+                budget -= chunk
+        if not segments:
+            return []
         ids = torch.tensor(tokens, dtype=torch.long, device=self.model.device)
-        logits = self.model(ids, start_pos, seq.cache, last_only=True)[0]
+        logits = self.model.forward_batch(ids, segments, self.cache)
+        outputs = []
+        for row, seq in enumerate(owners):
+            if seq.prefilled == len(seq.prompt):  # a decode step, or the prompt's last chunk
+                outputs.append(self._advance(seq, logits[row]))
+        return outputs
+
+    def _advance(self, seq: _Sequence, logits: torch.Tensor) -> StepOutput:
         token, log_prob = seq.sampler(logits, seq.tokens)
         seq.generated += 1
 
@@ -150,6 +230,8 @@ class Engine:
         stop = _matched_stop_len(seq.tokens, params.stop_words)
         if stop:
             return self._finish(seq, "stop", len(seq.tokens) - stop)
+        if params.guide is not None and params.guide.is_terminated():
+            return self._finish(seq, "stop", len(seq.tokens))
         if len(seq.tokens) >= params.max_tokens:
             return self._finish(seq, "length", len(seq.tokens))
         if len(seq.prompt) + len(seq.tokens) >= self.max_seq_len:
@@ -160,6 +242,13 @@ class Engine:
     def _finish(self, seq: _Sequence, reason: FinishReason, upto: int) -> StepOutput:
         out = self._release(seq, upto)
         out.finished, out.finish_reason = True, reason
+        del self._sequences[seq.request_id]
+        if seq.slot is not None:
+            self._running.remove(seq)
+            self.cache.release(seq.slot)
+            seq.slot = None
+        else:
+            self._waiting.remove(seq)
         return out
 
     def _release(self, seq: _Sequence, upto: int) -> StepOutput:

@@ -6,6 +6,7 @@ all engine state on one thread and lets the engine batch in-flight requests.
 """
 from __future__ import annotations
 
+import json
 import queue
 import threading
 import traceback
@@ -19,10 +20,43 @@ import triton_python_backend_utils as pb_utils
 from plateforme.python_backend.context import context_length
 from plateforme.python_backend.detokenization import STREAM_PREFIX_TOKENS
 from plateforme.python_backend.engine import Engine, StepOutput
+from plateforme.python_backend.errors import EngineBusy
 from plateforme.python_backend.sampling import SamplingParams
 from plateforme.python_backend.triton import tensors as t
 
 FINAL = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
+# Every sequence gets a whole KV cache slot before it starts, so no policy ever evicts: both of
+# tensorrtllm's policies are accepted and behave as guaranteed_no_evict.
+SCHEDULER_POLICIES = ("guaranteed_no_evict", "max_utilization")
+
+
+class EngineMetrics:
+    """The engine's state on Triton's /metrics (python-backend custom metric families)."""
+
+    def __init__(self, model_name: str):
+        labels = {"model": model_name}
+
+        # Triton refuses updates once a family is garbage-collected: keep the families alive.
+        self.families = []
+
+        def family(name, description, kind):
+            self.families.append(pb_utils.MetricFamily(name=name, description=description, kind=kind))
+            return self.families[-1].Metric(labels=labels)
+
+        gauge, counter = pb_utils.MetricFamily.GAUGE, pb_utils.MetricFamily.COUNTER
+        self.active = family("plateforme_engine_active_sequences", "Sequences in the running batch", gauge)
+        self.queued = family("plateforme_engine_queued_requests", "Requests waiting for a KV cache slot", gauge)
+        self.generated = family("plateforme_engine_generated_tokens_total", "Tokens generated", counter)
+        self.kv_usage = family("plateforme_engine_kv_cache_usage_ratio",
+                               "Fraction of KV cache entries holding a live key", gauge)
+
+    def update(self, engine: Engine, generated: int) -> None:
+        stats = engine.stats()
+        self.active.set(stats.running)
+        self.queued.set(stats.queued)
+        self.kv_usage.set(stats.kv_cache_used / stats.kv_cache_capacity)
+        if generated:
+            self.generated.increment(generated)
 
 
 @dataclass
@@ -51,11 +85,20 @@ class TritonPythonModel:
         if threads > 0:
             torch.set_num_threads(threads)
         self.exclude_input_default = t.bool_parameter(params, "exclude_input_in_output", True)
+        policy = params.get("batch_scheduler_policy", "guaranteed_no_evict")
+        if policy not in SCHEDULER_POLICIES:
+            raise ValueError(f"batch_scheduler_policy must be one of {SCHEDULER_POLICIES}, got {policy!r}")
+        config = json.loads(args["model_config"])
         self.engine = Engine(
             model_dir,
             dtype=params.get("dtype", "bfloat16"),
             max_seq_len=context_length(model_dir, t.int_parameter(params, "max_seq_len", 0)),
+            max_batch_size=max(1, int(config.get("max_batch_size", 16))),
+            max_num_tokens=t.int_parameter(params, "max_num_tokens", 512),
+            max_queue_size=t.int_parameter(params, "max_queue_size", 0),
+            queue_timeout_s=t.int_parameter(params, "max_queue_delay_ms", 0) / 1000,
         )
+        self.metrics = EngineMetrics(args["model_name"])
         self.inbox: queue.Queue = queue.Queue()
         self.active: dict[str, _Request] = {}
         self.running = True
@@ -125,18 +168,22 @@ class TritonPythonModel:
     # -- the engine thread -------------------------------------------------------------
     def _loop(self):
         while self.running:
-            self._drain_inbox(block=not self.engine.has_work())
-            self._cancel_disconnected()
-            if not self.engine.has_work():
-                continue
             try:
-                outputs = self.engine.step()
-            except Exception as exc:  # never let one bad step kill the worker
+                self._iteration()
+            except Exception as exc:  # the worker must outlive any failure, or every request hangs
                 pb_utils.Logger.log_error(f"engine step failed: {traceback.format_exc()}")
                 self._fail_all(exc)
-                continue
+
+    def _iteration(self) -> None:
+        self._drain_inbox(block=not self.engine.has_work())
+        self._cancel_disconnected()
+        generated = 0
+        if self.engine.has_work():
+            outputs = self.engine.step()
             for output in outputs:
                 self._respond(output)
+            generated = sum(len(o.token_ids) for o in outputs)
+        self.metrics.update(self.engine, generated)
 
     def _drain_inbox(self, block: bool) -> None:
         while True:
@@ -154,7 +201,7 @@ class TritonPythonModel:
                 continue
             try:
                 self.engine.add_request(item.key, item.prompt, item.params)
-            except ValueError as exc:
+            except (ValueError, EngineBusy) as exc:
                 item.sender.send(t.error_response(exc), flags=FINAL)
                 continue
             self.active[item.key] = item
@@ -179,6 +226,10 @@ class TritonPythonModel:
     def _respond(self, output: StepOutput) -> None:
         request = self.active.get(output.request_id)
         if request is None:
+            return
+        if output.error:
+            del self.active[output.request_id]
+            request.sender.send(t.error_response(EngineBusy(output.error)), flags=FINAL)
             return
         prefix = request.sent[-STREAM_PREFIX_TOKENS:]
         request.sent.extend(output.token_ids)

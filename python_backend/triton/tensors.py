@@ -11,6 +11,8 @@ from typing import Any
 import numpy as np
 import triton_python_backend_utils as pb_utils
 
+from plateforme.python_backend.errors import EngineBusy
+
 
 class InputError(ValueError):
     """A client mistake: answered with INVALID_ARG (HTTP 400), the server stays healthy."""
@@ -118,7 +120,13 @@ def parse_word_list(array: np.ndarray | None) -> list[list[int]]:
 
 
 def error_response(exc: BaseException) -> "pb_utils.InferenceResponse":
-    code = pb_utils.TritonError.INVALID_ARG if isinstance(exc, ValueError) else pb_utils.TritonError.INTERNAL
+    """Client mistakes (ValueError) -> INVALID_ARG (HTTP 400); a busy engine -> UNAVAILABLE (503)."""
+    if isinstance(exc, ValueError):
+        code = pb_utils.TritonError.INVALID_ARG
+    elif isinstance(exc, EngineBusy):
+        code = pb_utils.TritonError.UNAVAILABLE
+    else:
+        code = pb_utils.TritonError.INTERNAL
     return pb_utils.InferenceResponse(output_tensors=[], error=pb_utils.TritonError(str(exc), code))
 
 
