@@ -5,8 +5,12 @@ import math
 import secrets
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import torch
+
+if TYPE_CHECKING:  # guided decoding pulls in xgrammar, which unguided serving does not need
+    from .guided import Guide
 
 
 @dataclass
@@ -33,6 +37,8 @@ class SamplingParams:
     # Token sequences that are never generated.
     bad_words: list[list[int]] = field(default_factory=list)
     return_log_probs: bool = False
+    # Grammar the generated text must follow; stateful, one per request.
+    guide: Guide | None = None
 
     @property
     def greedy(self) -> bool:
@@ -107,8 +113,8 @@ class Sampler:
 
     Order as in TensorRT-LLM: temperature, then repetition / presence / frequency penalties over the
     prompt and the generated tokens, then the end_id / stop-word ban before min_tokens, the bad-words
-    ban, then top-k and top-p. The log-probability returned is the chosen token's under the distribution
-    it was drawn from (greedy: the softmax of the processed logits).
+    ban, the guide's mask, then top-k and top-p. The log-probability returned is the chosen token's
+    under the distribution it was drawn from (greedy: the softmax of the processed logits).
     """
 
     def __init__(self, params: SamplingParams, vocab_size: int, prompt_ids: Sequence[int]):
@@ -132,10 +138,13 @@ class Sampler:
             log_prob = math.log(float(probs[token]))
         if self.counts is not None:
             self.counts[token] += 1
+        if self.params.guide is not None:
+            self.params.guide.accept(token)
         return token, log_prob
 
     def process(self, logits: torch.Tensor, generated: Sequence[int]) -> torch.Tensor:
-        """Float32 CPU copy of ``logits`` after temperature, penalties and bans (before top-k / top-p)."""
+        """Float32 CPU copy of ``logits`` after temperature, penalties, bans and the guide's mask
+        (before top-k / top-p)."""
         p = self.params
         logits = logits.detach().to("cpu", torch.float32, copy=True)
         if not p.greedy and p.temperature != 1:
@@ -154,6 +163,8 @@ class Sampler:
                 banned.append(p.end_id)
         if banned:
             logits[banned] = -math.inf
+        if p.guide is not None:
+            p.guide.mask_logits(logits)
         return logits
 
     def _filter(self, logits: torch.Tensor) -> torch.Tensor:

@@ -21,6 +21,8 @@ def test_mixed_prefill_chunks_and_decodes_match_single_sequences(model):
     generator = torch.Generator().manual_seed(0)
     prompts = [torch.randint(3, model.args.vocab_size, (n,), generator=generator).tolist() for n in (40, 7, 23, 1)]
     cache = model.new_slot_cache(6, 256)
+    # Reused memory may hold anything, NaN included: never-written entries must not leak into attention.
+    cache.kv.fill_(float("nan"))
     slots = [cache.allocate() for _ in prompts]
     sequences = [list(p) for p in prompts]
     with torch.inference_mode():

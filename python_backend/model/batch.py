@@ -38,6 +38,9 @@ class SlotKVCache:
         # Absolute position held by each entry; -1 = empty.
         self.positions = torch.full((n_slots, self.capacity), -1, dtype=torch.long, device=device)
         self.lengths = [0] * n_slots  # positions written so far, per slot
+        # Entries [0, initialized) of a slot hold finite numbers. Attention multiplies masked-out
+        # values by 0, and 0 * NaN from never-written memory would poison the output.
+        self.initialized = [0] * n_slots
         self._free = list(range(n_slots))
 
     @property
@@ -58,6 +61,14 @@ class SlotKVCache:
             raise RuntimeError("no free KV cache slot")
         self._free.sort()
         return self._free.pop(0)
+
+    def ensure_initialized(self, slot_range: int, length: int) -> None:
+        """Zero never-written entries [.., :length] of slots [0, slot_range) before attention reads them."""
+        for slot in range(slot_range):
+            start = max(self.initialized[slot], min(self.lengths[slot], self.capacity))
+            if start < length:
+                self.kv[:, :, slot, :, start:length].zero_()
+                self.initialized[slot] = length
 
     def release(self, slot: int) -> None:
         self.positions[slot].fill_(-1)
@@ -119,6 +130,7 @@ class BatchPlan:
             idle[self.decode_slots] = False
             mask[idle, 0] = True
             self.decode_mask = mask[:, None, None, :]
+            cache.ensure_initialized(self.slot_range, self.decode_len)
             for i in decode:
                 cache.lengths[segments[i].slot] = segments[i].start_pos + 1
 
