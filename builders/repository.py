@@ -49,7 +49,7 @@ class ChatEndpoint:
     model_dir: Path  # HF checkpoint: weights for the PyTorch engine, and the tokenizer
     engine: str = "pytorch"
     engine_dir: Path | None = None  # TensorRT-LLM engine directory (engine == "tensorrtllm")
-    dtype: str = "bfloat16"
+    dtype: str = "auto"  # PyTorch engine: bfloat16 where the hardware computes it natively, else float32
     max_batch_size: int = 16  # also the engine's in-flight batch (KV cache slots)
     max_num_tokens: int = 512  # tokens per engine step
     batch_scheduler_policy: str = "guaranteed_no_evict"

@@ -29,6 +29,24 @@ DEFAULT_MAX_SEQ_LEN = 8192
 _DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 
 
+def resolve_dtype(name: str, device: str | torch.device = "cpu") -> torch.dtype:
+    """A dtype name, or "auto": bfloat16 where matrix units compute it natively (CUDA, or x86 CPUs
+    with AVX512-BF16 / AMX), float32 elsewhere: without them bf16 matmuls of more than one row
+    run several times slower than float32 (measured on AVX2)."""
+    if name != "auto":
+        if name not in _DTYPES:
+            raise ValueError(f"unsupported dtype {name!r}: expected auto or one of {sorted(_DTYPES)}")
+        return _DTYPES[name]
+    if torch.device(device).type == "cuda":
+        return torch.bfloat16
+    try:
+        with open("/proc/cpuinfo") as handle:
+            flags = set(handle.read().split())
+    except OSError:
+        flags = set()
+    return torch.bfloat16 if flags & {"avx512_bf16", "amx_bf16"} else torch.float32
+
+
 @dataclass
 class StepOutput:
     request_id: str
@@ -41,8 +59,8 @@ class StepOutput:
     prompt_len: int
     # Tokens the model generated so far, end_id and stop-word tokens included.
     generated_len: int
-    # Why the request failed (finish_reason "error").
-    error: str | None = None
+    # Why the request failed (finish_reason "error"): EngineBusy (retry later) or ValueError.
+    error: Exception | None = None
 
 
 @dataclass
@@ -89,9 +107,7 @@ class Engine:
         tokens of one step; ``max_queue_size`` (0: unbounded) requests may wait for a slot, each at most
         ``queue_timeout_s`` seconds (0: no limit)."""
         if isinstance(dtype, str):
-            if dtype not in _DTYPES:
-                raise ValueError(f"unsupported dtype {dtype!r}: expected one of {sorted(_DTYPES)}")
-            dtype = _DTYPES[dtype]
+            dtype = resolve_dtype(dtype, device)
         for name, value, minimum in (("max_batch_size", max_batch_size, 1), ("max_num_tokens", max_num_tokens, 1),
                                      ("max_queue_size", max_queue_size, 0)):
             if type(value) is not int or value < minimum:
@@ -184,7 +200,9 @@ class Engine:
                 outputs.append(self._finish(seq, "cancelled", 0))
             elif self.queue_timeout_s and now - seq.arrival > self.queue_timeout_s:
                 out = self._finish(seq, "error", 0)
-                out.error = f"the request waited {now - seq.arrival:.1f} s for a free slot (limit {self.queue_timeout_s} s)"
+                out.error = EngineBusy(
+                    f"the request waited {now - seq.arrival:.1f} s for a free slot (limit {self.queue_timeout_s} s)"
+                )
                 outputs.append(out)
         return outputs
 
@@ -215,7 +233,12 @@ class Engine:
         outputs = []
         for row, seq in enumerate(owners):
             if seq.prefilled == len(seq.prompt):  # a decode step, or the prompt's last chunk
-                outputs.append(self._advance(seq, logits[row]))
+                try:
+                    outputs.append(self._advance(seq, logits[row]))
+                except ValueError as exc:  # e.g. a grammar that no allowed token can continue
+                    out = self._finish(seq, "error", len(seq.tokens))
+                    out.error = exc
+                    outputs.append(out)
         return outputs
 
     def _advance(self, seq: _Sequence, logits: torch.Tensor) -> StepOutput:

@@ -64,17 +64,28 @@ def smollm2(smollm2_dir):
 
 
 @pytest.fixture(scope="session")
-def server(tmp_path_factory, tiny_mistral_dir, tiny_mixtral_dir, demo_assets):
+def tiny_window8_dir(tmp_path_factory):
+    """Mistral with a sliding window of 8 tokens."""
+    return make_tiny_checkpoint(
+        tmp_path_factory.mktemp("tiny") / "mistral-window8", TinySpec("mistral", "v3", sliding_window=8, seed=1)
+    )
+
+
+@pytest.fixture(scope="session")
+def server(tmp_path_factory, tiny_mistral_dir, tiny_mixtral_dir, tiny_window8_dir, demo_assets):
     """A real tritonserver on free loopback ports: tiny Mistral (v3) and Mixtral (v1) endpoints in
-    float32, the SmolLM2 demo model, and the MiniLM embedding endpoint."""
+    float32, a tiny Mistral with an 8-token window, the SmolLM2 demo model, and the MiniLM
+    embedding endpoint."""
     from plateforme.builders.repository import ChatEndpoint, EmbeddingEndpoint, render_repository
     from plateforme.server import ServerConfig, TritonServer, free_port
 
     repository = render_repository(
         tmp_path_factory.mktemp("repo") / "models",
         chat=[
-            ChatEndpoint("mistral-tiny", tiny_mistral_dir, dtype="float32", max_batch_size=8),
+            ChatEndpoint("mistral-tiny", tiny_mistral_dir, dtype="float32", max_batch_size=16),
             ChatEndpoint("mistral-small", tiny_mixtral_dir, dtype="float32", max_batch_size=8),
+            ChatEndpoint("mistral-window8", tiny_window8_dir, dtype="float32", max_batch_size=4,
+                         max_num_tokens=16),
             ChatEndpoint("smollm2", demo_assets["smollm2-mistral"], max_batch_size=8),
         ],
         embeddings=[EmbeddingEndpoint("mistral-embed", demo_assets["minilm-embed"])],

@@ -3,20 +3,18 @@ bad input. The `server` fixture (conftest.py) starts one tritonserver for the wh
 from __future__ import annotations
 
 import json
-import queue
 import urllib.error
 import urllib.request
-import uuid
 
 import numpy as np
 import pytest
 import torch
-import tritonclient.grpc as grpcclient
 import tritonclient.http as httpclient
 from tritonclient.utils import InferenceServerException
 
 from plateforme.clients.triton_client import EndpointError, GenerationParams, TritonEndpoints
 from plateforme.python_backend.tokenization import load_tokenizer
+from triton_helpers import grpc_stream, ints, strings, text_of
 
 pytestmark = pytest.mark.server
 
@@ -30,48 +28,6 @@ def hf_greedy_text(model_dir, prompt_ids, max_new_tokens):
     out = model.generate(torch.tensor([prompt_ids]), max_new_tokens=max_new_tokens, do_sample=False,
                          eos_token_id=None, pad_token_id=0)
     return out[0, len(prompt_ids):].tolist()
-
-
-def grpc_stream(server, model, inputs: dict, request_id=None):
-    """All responses of one streamed gRPC request, as dicts of numpy outputs."""
-    results: queue.Queue = queue.Queue()
-    client = grpcclient.InferenceServerClient(server.grpc_url)
-    tensors = []
-    for name, array in inputs.items():
-        datatype = {np.dtype(object): "BYTES", np.dtype(np.int32): "INT32", np.dtype(np.float32): "FP32",
-                    np.dtype(bool): "BOOL", np.dtype(np.uint64): "UINT64"}[array.dtype]
-        tensor = grpcclient.InferInput(name, list(array.shape), datatype)
-        tensor.set_data_from_numpy(array)
-        tensors.append(tensor)
-    client.start_stream(callback=lambda result, error: results.put((result, error)))
-    client.async_stream_infer(model, tensors, request_id=request_id or uuid.uuid4().hex,
-                              enable_empty_final_response=True)
-    responses = []
-    try:
-        while True:
-            result, error = results.get(timeout=120)
-            if error is not None:
-                raise EndpointError(str(error))
-            response = result.get_response()
-            if response.outputs:
-                responses.append({o.name: result.as_numpy(o.name) for o in response.outputs})
-            if response.parameters["triton_final_response"].bool_param:
-                return responses
-    finally:
-        client.stop_stream()
-        client.close()
-
-
-def text_of(responses):
-    return "".join(r["text_output"].reshape(-1)[0].decode() for r in responses)
-
-
-def strings(*values):
-    return np.array([[v.encode() for v in values]], dtype=object)
-
-
-def ints(value):
-    return np.array([[value]], dtype=np.int32)
 
 
 # -- the endpoint's contract ----------------------------------------------------------------

@@ -34,6 +34,7 @@ ENGINE_INPUTS = {
     "frequency_penalty": "frequency_penalty", "min_tokens": "min_tokens", "seed": "seed",
     "return_log_probs": "return_log_probs", "exclude_input_in_output": "exclude_input_in_output",
     "beam_width": "beam_width", "stream": "streaming",
+    "guided_decoding_guide_type": "guided_decoding_guide_type", "guided_decoding_guide": "guided_decoding_guide",
 }
 PASSED_THROUGH = ("cum_log_probs", "output_log_probs", "num_input_tokens", "num_output_tokens", "finish_reason")
 

@@ -91,7 +91,7 @@ class TritonPythonModel:
         config = json.loads(args["model_config"])
         self.engine = Engine(
             model_dir,
-            dtype=params.get("dtype", "bfloat16"),
+            dtype=params.get("dtype", "auto"),
             max_seq_len=context_length(model_dir, t.int_parameter(params, "max_seq_len", 0)),
             max_batch_size=max(1, int(config.get("max_batch_size", 16))),
             max_num_tokens=t.int_parameter(params, "max_num_tokens", 512),
@@ -99,6 +99,8 @@ class TritonPythonModel:
             queue_timeout_s=t.int_parameter(params, "max_queue_delay_ms", 0) / 1000,
         )
         self.metrics = EngineMetrics(args["model_name"])
+        self.model_dir = model_dir
+        self._guides = None  # built on the first guided request: xgrammar's tables take a moment
         self.inbox: queue.Queue = queue.Queue()
         self.active: dict[str, _Request] = {}
         self.running = True
@@ -155,6 +157,11 @@ class TritonPythonModel:
             params.end_id = None  # tensorrtllm convention: a negative end_id never ends generation
         if params.max_tokens is None:
             raise t.InputError("request_output_len (max_tokens) is required")
+        guide_type = t.scalar(request, "guided_decoding_guide_type", 0, t.text, "")
+        if guide_type:
+            guide = t.scalar(request, "guided_decoding_guide", 0, t.text, None)
+            budget = min(params.max_tokens, self.engine.max_seq_len - length)
+            params.guide = self._guide_compiler().compile(guide_type, guide, max_tokens=max(budget, 2))
         return _Request(
             key=uuid.uuid4().hex,
             client_id=request.request_id(),
@@ -164,6 +171,13 @@ class TritonPythonModel:
             streaming=t.scalar(request, "streaming", 0, bool, False),
             exclude_input=t.scalar(request, "exclude_input_in_output", 0, bool, self.exclude_input_default),
         )
+
+    def _guide_compiler(self):
+        if self._guides is None:
+            from plateforme.python_backend.guided import GuideCompiler
+
+            self._guides = GuideCompiler(self.model_dir, self.engine.vocab_size)
+        return self._guides
 
     # -- the engine thread -------------------------------------------------------------
     def _loop(self):
@@ -229,7 +243,7 @@ class TritonPythonModel:
             return
         if output.error:
             del self.active[output.request_id]
-            request.sender.send(t.error_response(EngineBusy(output.error)), flags=FINAL)
+            request.sender.send(t.error_response(output.error), flags=FINAL)
             return
         prefix = request.sent[-STREAM_PREFIX_TOKENS:]
         request.sent.extend(output.token_ids)

@@ -1,0 +1,191 @@
+"""In-flight batching through the real server: no cross-talk, sliding window, cancellation, metrics."""
+from __future__ import annotations
+
+import queue
+import time
+import uuid
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+import pytest
+import torch
+import tritonclient.grpc as grpcclient
+
+from plateforme.python_backend.tokenization import load_tokenizer
+from triton_helpers import grpc_stream, ints, metric, strings, text_of
+
+pytestmark = pytest.mark.server
+
+WORDS = ("river stone light over quiet hills the old market sells bread and honey while children "
+         "sing about ships sailing north under a cold bright moon").split()
+
+
+def prompts(n: int) -> list[str]:
+    return [" ".join(WORDS[(3 * i) % len(WORDS):] + WORDS[: i % 7]) for i in range(n)]
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_sixteen_concurrent_requests_answer_as_alone(server, stream):
+    """Different prompts and lengths, all in flight together: each answer is its solo answer."""
+    requests = [{"text_input": strings(p), "max_tokens": ints(8 + 3 * i), "end_id": ints(-1)}
+                for i, p in enumerate(prompts(16))]
+    alone = [text_of(grpc_stream(server, "mistral-tiny", r)) for r in requests]
+    flags = {"stream": np.array([[stream]])}
+    with ThreadPoolExecutor(16) as pool:
+        together = list(pool.map(lambda r: grpc_stream(server, "mistral-tiny", {**r, **flags}), requests))
+    assert [text_of(t) for t in together] == alone
+    if stream:
+        assert all(len(t) > 1 for t in together)
+    assert len(set(alone)) == 16
+
+
+def test_sliding_window_generation_matches_transformers(server, tiny_window8_dir):
+    """Window 8, a 40-token prompt prefilled in chunks of 16 through a rolling cache."""
+    from transformers import AutoModelForCausalLM
+
+    tokenizer = load_tokenizer(tiny_window8_dir)
+    text = " ".join(WORDS + WORDS)
+    ids = tokenizer.encode_text(text)[:40]
+    assert len(ids) == 40
+    model = AutoModelForCausalLM.from_pretrained(tiny_window8_dir, dtype=torch.float32)
+    assert model.config.sliding_window == 8
+    expected = model.generate(torch.tensor([ids]), max_new_tokens=24, do_sample=False, eos_token_id=None,
+                              pad_token_id=0)[0, 40:].tolist()
+    inputs = {"input_ids": np.array([ids], dtype=np.int32), "input_lengths": ints(40),
+              "request_output_len": ints(24)}
+    responses = grpc_stream(server, "mistral-window8-engine", inputs)
+    assert responses[-1]["output_ids"].reshape(-1).tolist() == expected
+
+
+def _start_streams(server, count, max_tokens):
+    """Open `count` streaming requests; return their clients and queues of responses."""
+    streams = []
+    for index in range(count):
+        client = grpcclient.InferenceServerClient(server.grpc_url)
+        responses: queue.Queue = queue.Queue()
+        client.start_stream(callback=lambda result, error, q=responses: q.put((result, error)))
+        tensors = []
+        for name, array, datatype in (("text_input", strings(prompts(count)[index]), "BYTES"),
+                                      ("max_tokens", ints(max_tokens), "INT32"),
+                                      ("end_id", ints(-1), "INT32"),
+                                      ("stream", np.array([[True]]), "BOOL")):
+            tensor = grpcclient.InferInput(name, list(array.shape), datatype)
+            tensor.set_data_from_numpy(array)
+            tensors.append(tensor)
+        client.async_stream_infer("mistral-tiny", tensors, request_id=uuid.uuid4().hex)
+        streams.append((client, responses))
+    return streams
+
+
+def _wait_for_metric(server, name, model, value, timeout=30.0):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if metric(server, name, model) == value:
+            return
+        time.sleep(0.2)
+    raise AssertionError(f"{name} for {model} stayed at {metric(server, name, model)}, expected {value}")
+
+
+def test_cancelled_streams_free_their_slots(server):
+    streams = _start_streams(server, 20, max_tokens=230)
+    for _, responses in streams:  # every stream is generating
+        result, error = responses.get(timeout=120)
+        assert error is None
+    assert metric(server, "plateforme_engine_active_sequences", "mistral-tiny-engine") > 0
+    for client, _ in streams:
+        client.stop_stream(cancel_requests=True)
+        client.close()
+    _wait_for_metric(server, "plateforme_engine_active_sequences", "mistral-tiny-engine", 0)
+    _wait_for_metric(server, "plateforme_engine_queued_requests", "mistral-tiny-engine", 0)
+    assert metric(server, "plateforme_engine_kv_cache_usage_ratio", "mistral-tiny-engine") == 0
+    # The engine keeps serving.
+    after = grpc_stream(server, "mistral-tiny", {"text_input": strings("hello"), "max_tokens": ints(4)})
+    assert after[-1]["finish_reason"].reshape(-1)[0].decode() == "length"
+
+
+def test_stop_input_cancels_a_running_request(server):
+    """tensorrtllm's `stop` input, sent with the request id of a running request."""
+    request_id = uuid.uuid4().hex
+    client = grpcclient.InferenceServerClient(server.grpc_url)
+    responses: queue.Queue = queue.Queue()
+    client.start_stream(callback=lambda result, error: responses.put((result, error)))
+
+    def tensors(**values):
+        out = []
+        for name, (array, datatype) in values.items():
+            tensor = grpcclient.InferInput(name, list(array.shape), datatype)
+            tensor.set_data_from_numpy(array)
+            out.append(tensor)
+        return out
+
+    common = {"input_ids": (np.array([[1, 22, 333, 4444]], dtype=np.int32), "INT32"),
+              "input_lengths": (ints(4), "INT32"), "request_output_len": (ints(240), "INT32")}
+    client.async_stream_infer("mistral-tiny-engine", tensors(**common, streaming=(np.array([[True]]), "BOOL"),
+                                                             end_id=(ints(-1), "INT32")),
+                              request_id=request_id, enable_empty_final_response=True)
+    result, error = responses.get(timeout=60)
+    assert error is None
+    stopper = grpcclient.InferenceServerClient(server.grpc_url)
+    stopper.start_stream(callback=lambda result, error: None)
+    stopper.async_stream_infer("mistral-tiny-engine", tensors(**common, stop=(np.array([[True]]), "BOOL")),
+                               request_id=request_id)
+    tokens, reasons = 0, []
+    while True:
+        result, error = responses.get(timeout=60)
+        assert error is None
+        response = result.get_response()
+        if response.outputs:
+            tokens += int(result.as_numpy("sequence_length").reshape(-1)[0])
+            reasons.append(result.as_numpy("finish_reason").reshape(-1)[0].decode())
+        if response.parameters["triton_final_response"].bool_param:
+            break
+    stopper.stop_stream()
+    client.stop_stream()
+    assert reasons[-1] == "cancelled"
+    assert tokens < 240
+
+
+def test_generated_tokens_are_counted(server):
+    before = metric(server, "plateforme_engine_generated_tokens_total", "mistral-small-engine")
+    grpc_stream(server, "mistral-small", {"text_input": strings("count me"), "max_tokens": ints(7),
+                                          "end_id": ints(-1)})
+    assert metric(server, "plateforme_engine_generated_tokens_total", "mistral-small-engine") == before + 7
+
+
+def test_json_mode_always_parses(server):
+    """tensorrtllm's guided-decoding inputs: 50 sampled generations of the random model are JSON objects."""
+    import json
+
+    def generate(seed):
+        inputs = {"text_input": strings(f"Answer in JSON {seed}"), "max_tokens": ints(48),
+                  "temperature": np.array([[1.0]], dtype=np.float32), "top_p": np.array([[1.0]], dtype=np.float32),
+                  "seed": np.array([[seed]], dtype=np.uint64), "guided_decoding_guide_type": strings("json")}
+        return text_of(grpc_stream(server, "mistral-tiny", inputs))
+
+    with ThreadPoolExecutor(16) as pool:
+        texts = list(pool.map(generate, range(50)))
+    assert all(isinstance(json.loads(text), dict) for text in texts), texts
+    assert len(set(texts)) > 40  # sampled, not one answer repeated
+
+
+def test_json_schema_through_the_bls(server):
+    import json
+
+    # Bounded fields: a random model may write digits forever, and only "json" mode has a closing budget.
+    schema = {"type": "object", "properties": {"adult": {"type": "boolean"}, "mood": {"enum": ["happy", "sad"]}},
+              "required": ["adult", "mood"]}
+    inputs = {"text_input": strings("Describe someone"), "max_tokens": ints(60),
+              "guided_decoding_guide_type": strings("json_schema"), "guided_decoding_guide": strings(json.dumps(schema))}
+    value = json.loads(text_of(grpc_stream(server, "mistral-tiny-bls", inputs)))
+    assert isinstance(value["adult"], bool) and value["mood"] in ("happy", "sad")
+
+
+@pytest.mark.parametrize("guide_type,guide", [("json_schema", "{not a schema"), ("regex", "(unclosed"),
+                                              ("xml", "")])
+def test_invalid_guides_are_client_errors(server, guide_type, guide):
+    from plateforme.clients.triton_client import EndpointError
+
+    inputs = {"text_input": strings("hi"), "max_tokens": ints(8), "guided_decoding_guide_type": strings(guide_type),
+              "guided_decoding_guide": strings(guide)}
+    with pytest.raises(EndpointError, match="(?i)guide|schema|regex|type"):
+        grpc_stream(server, "mistral-tiny", inputs)
