@@ -34,9 +34,13 @@ _PYTORCH_EXTRA_OUTPUTS = (
 )
 _PYTORCH_EXTRA_OUTPUT_MAP = (
     '      output_map { key: "finish_reason" value: "finish_reason" }\n'
-    '      output_map { key: "prefix_ids" value: "_PREFIX_IDS" }'
+    '      output_map { key: "prefix_ids" value: "_PREFIX_IDS" }\n'
+    '      output_map { key: "engine_request_id" value: "_ENGINE_REQUEST_ID" }'
 )
-_PYTORCH_POSTPROCESSING_INPUT_MAP = '\n      input_map { key: "PREFIX_IDS" value: "_PREFIX_IDS" }'
+_PYTORCH_POSTPROCESSING_INPUT_MAP = (
+    '\n      input_map { key: "PREFIX_IDS" value: "_PREFIX_IDS" }'
+    '\n      input_map { key: "ENGINE_REQUEST_ID" value: "_ENGINE_REQUEST_ID" }'
+)
 
 
 class RepositoryError(ValueError):
@@ -191,6 +195,7 @@ def _chat_models(
         post: ("postprocessing", {
             "triton_max_batch_size": batch,
             "tokenizer_dir": tokenizer_dir,
+            "engine_model": engine,
             "postprocessing_instance_count": endpoint.instance_count,
         }),
         name: ("ensemble", {

@@ -57,7 +57,7 @@ def test_sliding_window_generation_matches_transformers(server, tiny_window8_dir
     assert responses[-1]["output_ids"].reshape(-1).tolist() == expected
 
 
-def _start_streams(server, count, max_tokens):
+def _start_streams(server, count, max_tokens, model="mistral-tiny"):
     """Open `count` streaming requests; return their clients and queues of responses."""
     streams = []
     for index in range(count):
@@ -72,7 +72,7 @@ def _start_streams(server, count, max_tokens):
             tensor = grpcclient.InferInput(name, list(array.shape), datatype)
             tensor.set_data_from_numpy(array)
             tensors.append(tensor)
-        client.async_stream_infer("mistral-tiny", tensors, request_id=uuid.uuid4().hex)
+        client.async_stream_infer(model, tensors, request_id=uuid.uuid4().hex)
         streams.append((client, responses))
     return streams
 
@@ -86,8 +86,9 @@ def _wait_for_metric(server, name, model, value, timeout=30.0):
     raise AssertionError(f"{name} for {model} stayed at {metric(server, name, model)}, expected {value}")
 
 
-def test_cancelled_streams_free_their_slots(server):
-    streams = _start_streams(server, 20, max_tokens=230)
+@pytest.mark.parametrize("model", ["mistral-tiny", "mistral-tiny-bls"])
+def test_cancelled_streams_free_their_slots(server, model):
+    streams = _start_streams(server, 20, max_tokens=230, model=model)
     for _, responses in streams:  # every stream is generating
         result, error = responses.get(timeout=120)
         assert error is None

@@ -209,8 +209,9 @@ class TritonPythonModel:
             if item is None:
                 return
             if isinstance(item, _Cancel):
+                # `stop` names a request by the id its client gave it, or by its engine_request_id.
                 for request in self.active.values():
-                    if item.client_id and request.client_id == item.client_id:
+                    if item.client_id and item.client_id in (request.client_id, request.key):
                         self.engine.cancel(request.key)
                 continue
             try:
@@ -280,6 +281,7 @@ class TritonPythonModel:
             pb_utils.Tensor("num_output_tokens", ints([len(request.sent)], (1, 1))),
             t.string_tensor("finish_reason", [[(output.finish_reason or "").encode()]]),
             pb_utils.Tensor("prefix_ids", ints(prefix, (1, 1, len(prefix)))),
+            t.string_tensor("engine_request_id", [[request.key.encode()]]),
         ])
 
 

@@ -18,10 +18,16 @@ class TritonPythonModel:
     def initialize(self, args):
         params = t.model_parameters(args)
         self.tokenizer = load_tokenizer(params["tokenizer_dir"])
+        self.engine_model = params.get("engine_model")
 
     def execute(self, requests):
         responses = []
         for request in requests:
+            if request.is_cancelled():
+                self._stop_engine(request)
+                responses.append(pb_utils.InferenceResponse(
+                    output_tensors=[], error=pb_utils.TritonError("request cancelled", pb_utils.TritonError.CANCELLED)))
+                continue
             try:
                 responses.append(self._decode(request))
             except ValueError as exc:
@@ -47,3 +53,19 @@ class TritonPythonModel:
                     text = complete_text(self.tokenizer, ids)
                 texts[row, beam] = text.encode("utf-8")
         return pb_utils.InferenceResponse(output_tensors=[pb_utils.Tensor("OUTPUT", texts)])
+
+    def _stop_engine(self, request) -> None:
+        """Free the engine's slot of a cancelled stream: the engine itself is never told."""
+        engine_id = t.scalar(request, "ENGINE_REQUEST_ID", 0, t.text, "")
+        if not (engine_id and self.engine_model):
+            return
+        inputs = [
+            pb_utils.Tensor("input_ids", np.zeros((1, 1), dtype=np.int32)),
+            pb_utils.Tensor("input_lengths", np.ones((1, 1), dtype=np.int32)),
+            pb_utils.Tensor("request_output_len", np.ones((1, 1), dtype=np.int32)),
+            pb_utils.Tensor("stop", np.ones((1, 1), dtype=bool)),
+        ]
+        stop = pb_utils.InferenceRequest(model_name=self.engine_model, inputs=inputs, request_id=engine_id,
+                                         requested_output_names=[])
+        for _ in stop.exec(decoupled=True):  # the engine answers a stop with an empty final response
+            pass
