@@ -168,7 +168,7 @@ def cmd_build(args) -> int:
     if args.dry_run:
         print(shlex.join(plan.command))
         return 0
-    print(f"running: {shlex.join(plan.command)}", flush=True)
+    print(f"build command: {shlex.join(plan.command)}", flush=True)
     result = build_engine(args.checkpoint_dir, args.engine_dir, profile, tokenizer_dir=args.tokenizer_dir)
     manifest = result.manifest
     print(f"engine written to {result.engine_dir}: TensorRT-LLM {manifest.tensorrt_llm_version}, "
