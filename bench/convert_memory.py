@@ -27,12 +27,13 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 
+from results import RESULTS, record
+
 from plateforme.builders.convert import OutputTensor, SafetensorsWriter
 from plateforme.builders.mapping import Mapping
 
 HIDDEN, INTER, EXPERTS, HEADS, KV_HEADS, VOCAB = 4096, 14336, 8, 32, 8, 32000
 SHARD_BYTES = 2 << 30
-RESULTS = Path(__file__).with_name("RESULTS.md")
 
 
 def source_tensors(layers: int) -> list[tuple[str, tuple[int, ...]]]:
@@ -158,19 +159,6 @@ def spot_check(source: Path, checkpoint: Path, mapping: Mapping, layers: int) ->
     return checks
 
 
-def record(title: str, lines: list[str]) -> None:
-    """Add an entry at the end of this benchmark's section of bench/RESULTS.md (created if absent)."""
-    heading = "## Checkpoint conversion memory"
-    text = RESULTS.read_text() if RESULTS.exists() else "# Benchmark results\n"
-    if heading not in text:
-        text = text.rstrip("\n") + f"\n\n{heading}\n\n`python bench/convert_memory.py --record` (CPU only).\n"
-    start = text.index(heading) + len(heading)
-    end = text.find("\n## ", start)
-    end = len(text) if end < 0 else end + 1
-    entry = f"\n{title}\n\n" + "\n".join(lines) + "\n"
-    RESULTS.write_text(text[:end].rstrip("\n") + "\n" + entry + ("\n" + text[end:] if end < len(text) else ""))
-
-
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--work", type=Path, default=Path("/tmp/plateforme-convert-memory"))
@@ -213,7 +201,8 @@ def main() -> int:
     ]
     print("\n".join(lines))
     if args.record:
-        record(f"### {datetime.date.today().isoformat()}, {args.layers} layers, tp {args.tp} moe_ep {args.moe_ep}",
+        record("## Checkpoint conversion memory", "python bench/convert_memory.py --record",
+               f"### {datetime.date.today().isoformat()}, {args.layers} layers, tp {args.tp} moe_ep {args.moe_ep}",
                lines)
         print(f"recorded in {RESULTS}")
     if not args.keep:

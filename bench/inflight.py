@@ -1,0 +1,395 @@
+"""In-flight batching of the PyTorch engine through Triton, against Hugging Face transformers.
+
+Serves the smollm2-mistral demo model as one endpoint (`mistral-tiny`, max_batch_size 16) on a
+real tritonserver and measures, in one run:
+- P1: aggregate generated tokens/s of N concurrent streaming chat requests through the ensemble
+  over gRPC (16 different prompts of 36-45 tokens, greedy, exactly --new-tokens each: end_id -1),
+  and of one stream at a time; time to first token at 1 and at N concurrent streams. Baselines,
+  in process with the same weights and dtype while the server is down: HF `generate()` one request
+  after another, and HF `generate()` on one left-padded batch of the same prompts.
+- P2: serving overhead: round trip of a 1-token request through the ensemble minus the engine's
+  own time for the same work (Engine.add_request + step until done, in process).
+The client runs on the same cores as the server. Figures only: no goal is asserted.
+
+    python bench/inflight.py                                  # dtype auto, 16 streams, 128 new tokens
+    python bench/inflight.py --dtype bfloat16 --new-tokens 64
+    python bench/inflight.py --record                         # and append the figures to bench/RESULTS.md
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import datetime
+import gc
+import json
+import os
+import platform
+import shlex
+import statistics
+import sys
+import tempfile
+import time
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from results import RESULTS, record
+import torch
+
+from plateforme.builders.assets import prepare_assets
+from plateforme.builders.repository import ChatEndpoint, render_repository
+from plateforme.python_backend.context import context_length
+from plateforme.python_backend.engine import Engine, resolve_dtype
+from plateforme.python_backend.sampling import SamplingParams
+from plateforme.python_backend.tokenization import Tokenizer, load_tokenizer
+from plateforme.server import ServerConfig, TritonServer, free_port
+
+ENDPOINT = "mistral-tiny"
+MAX_BATCH_SIZE = 16
+SECTION = "## In-flight batching (issue: PyTorch engine)"
+# With SmolLM2's chat template (it adds a default system prompt) these make prompts of 36-45 tokens.
+QUESTIONS = (
+    "What is the capital of France?",
+    "Explain photosynthesis to a ten year old child in simple words.",
+    "Write a haiku about autumn leaves.",
+    "How do I sort a list of numbers in Python?",
+    "Why is the sky blue during the day and red at sunset?",
+    "Give me three tips for sleeping better.",
+    "What are the main differences between a virus and a bacterium?",
+    "Summarize the plot of Romeo and Juliet in a few sentences.",
+    "How many planets are in the solar system, and which is largest?",
+    "Translate 'good morning, how are you?' into Spanish and German.",
+    "What is a prime number? Give some examples.",
+    "Describe how a bicycle works.",
+    "Suggest a simple vegetarian recipe for dinner tonight using rice and beans.",
+    "What causes earthquakes and tsunamis?",
+    "List the steps to make a cup of green tea properly.",
+    "Why do cats purr, and what does it usually mean?",
+)
+P2_PROMPT = "Hi"
+
+
+@dataclass
+class Prompt:
+    messages: list[dict]
+    ids: list[int]
+
+
+@dataclass
+class Reply:
+    ttft: float  # seconds from send to the first chunk with text
+    seconds: float  # seconds from send to the chunk that carries the finish reason
+    tokens: int
+    text: str
+    finish_reason: str
+    finished: float  # perf_counter() at the chunk that carries the finish reason
+
+
+# -- client ------------------------------------------------------------------------------------
+def _input(name: str, value) -> "grpcclient.InferInput":
+    import tritonclient.grpc as grpcclient
+
+    if isinstance(value, str):
+        array, datatype = np.array([[value.encode()]], dtype=object), "BYTES"
+    elif isinstance(value, bool):
+        array, datatype = np.array([[value]], dtype=bool), "BOOL"
+    elif isinstance(value, int):
+        array, datatype = np.array([[value]], dtype=np.int32), "INT32"
+    else:
+        array, datatype = np.array([[value]], dtype=np.float32), "FP32"
+    tensor = grpcclient.InferInput(name, list(array.shape), datatype)
+    tensor.set_data_from_numpy(array)
+    return tensor
+
+
+async def request(client, inputs: dict, stream: bool) -> Reply:
+    """Send one request on a gRPC stream of its own; time its first text and its end."""
+    tensors = [_input(name, value) for name, value in {**inputs, "stream": stream}.items()]
+
+    async def one_request():
+        yield {"model_name": ENDPOINT, "inputs": tensors, "request_id": uuid.uuid4().hex}
+
+    start = time.perf_counter()
+    ttft = seconds = None
+    text, tokens, reason = [], 0, ""
+    async for result, error in client.stream_infer(one_request(), stream_timeout=600):
+        now = time.perf_counter()
+        if error is not None:
+            raise RuntimeError(f"the server answered an error: {error}")
+        chunk = b"".join(result.as_numpy("text_output").reshape(-1)).decode()
+        if chunk and ttft is None:
+            ttft = now - start
+        text.append(chunk)
+        tokens = int(result.as_numpy("num_output_tokens").reshape(-1)[0])
+        reason = result.as_numpy("finish_reason").reshape(-1)[0].decode()
+        if reason:
+            seconds = now - start
+    if seconds is None:
+        raise RuntimeError("the stream ended without a finish reason")
+    return Reply(ttft if ttft is not None else seconds, seconds, tokens, "".join(text), reason, start + seconds)
+
+
+def chat_inputs(prompt: Prompt, new_tokens: int) -> dict:
+    return {"messages": json.dumps({"messages": prompt.messages}), "max_tokens": new_tokens,
+            "end_id": -1, "temperature": 0.0}
+
+
+async def concurrent(url: str, prompts: list[Prompt], new_tokens: int) -> tuple[float, list[Reply]]:
+    """All prompts streamed at once; wall seconds until the last finished."""
+    from tritonclient.grpc.aio import InferenceServerClient
+
+    async with InferenceServerClient(url) as client:
+        start = time.perf_counter()
+        replies = await asyncio.gather(*(request(client, chat_inputs(p, new_tokens), True) for p in prompts))
+        return max(r.finished for r in replies) - start, list(replies)
+
+
+async def sequential(url: str, prompts: list[Prompt], new_tokens: int) -> tuple[float, list[Reply]]:
+    """One streamed request after another; wall seconds of them all."""
+    from tritonclient.grpc.aio import InferenceServerClient
+
+    async with InferenceServerClient(url) as client:
+        replies = [await request(client, chat_inputs(p, new_tokens), True) for p in prompts]
+        return sum(r.seconds for r in replies), replies
+
+
+async def one_token_round_trips(url: str, count: int, warmup: int = 5) -> list[float]:
+    from tritonclient.grpc.aio import InferenceServerClient
+
+    inputs = {"text_input": P2_PROMPT, "max_tokens": 1, "temperature": 0.0}
+    async with InferenceServerClient(url) as client:
+        times = []
+        for i in range(warmup + count):
+            reply = await request(client, inputs, False)
+            if reply.tokens != 1:
+                raise RuntimeError(f"a 1-token request returned {reply.tokens} tokens")
+            if i >= warmup:
+                times.append(reply.seconds)
+        return times
+
+
+def checked(replies: list[Reply], new_tokens: int) -> list[Reply]:
+    for reply in replies:
+        if reply.tokens != new_tokens or reply.finish_reason != "length":
+            raise RuntimeError(f"a request returned {reply.tokens} tokens ({reply.finish_reason}), "
+                               f"expected exactly {new_tokens}")
+    return replies
+
+
+# -- in-process baselines --------------------------------------------------------------------
+def hf_sequential(model, prompts: list[Prompt], new_tokens: int) -> tuple[float, list[list[int]]]:
+    outputs, seconds = [], 0.0
+    for prompt in prompts:
+        ids = torch.tensor([prompt.ids])
+        start = time.perf_counter()
+        out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), do_sample=False,
+                             max_new_tokens=new_tokens, min_new_tokens=new_tokens)
+        seconds += time.perf_counter() - start
+        outputs.append(out[0, ids.shape[1]:].tolist())
+        if len(outputs[-1]) != new_tokens:
+            raise RuntimeError(f"HF generate() returned {len(outputs[-1])} tokens, expected {new_tokens}")
+    return seconds, outputs
+
+
+def hf_batch(model, prompts: list[Prompt], new_tokens: int, pad_id: int) -> float:
+    width = max(len(p.ids) for p in prompts)
+    ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for row, prompt in enumerate(prompts):  # left padding: every row's next token is at the end
+        ids[row, width - len(prompt.ids):] = torch.tensor(prompt.ids)
+        mask[row, width - len(prompt.ids):] = 1
+    start = time.perf_counter()
+    out = model.generate(input_ids=ids, attention_mask=mask, do_sample=False, pad_token_id=pad_id,
+                         max_new_tokens=new_tokens, min_new_tokens=new_tokens)
+    seconds = time.perf_counter() - start
+    if out.shape[1] - width != new_tokens:
+        raise RuntimeError(f"HF batched generate() returned {out.shape[1] - width} tokens, expected {new_tokens}")
+    return seconds
+
+
+def engine_one_token_times(model_dir: Path, dtype: torch.dtype, ids: list[int], end_id: int, count: int,
+                           warmup: int = 5) -> list[float]:
+    """The engine's own time for a 1-token request, configured as the server configures it."""
+    engine = Engine(model_dir, dtype=dtype, max_seq_len=context_length(model_dir),
+                    max_batch_size=MAX_BATCH_SIZE, max_num_tokens=ChatEndpoint.max_num_tokens)
+    times = []
+    for i in range(warmup + count):
+        start = time.perf_counter()
+        engine.add_request(f"r{i}", ids, SamplingParams(max_tokens=1, end_id=end_id, temperature=0.0))
+        while engine.has_work():
+            engine.step()
+        if i >= warmup:
+            times.append(time.perf_counter() - start)
+    return times
+
+
+# -- figures ---------------------------------------------------------------------------------
+def pct(values: list[float], q: float) -> float:
+    return float(np.percentile(values, q))
+
+
+def ms(seconds: float) -> str:
+    return f"{seconds * 1000:.1f} ms"
+
+
+def common_prefix(a: str, b: str) -> int:
+    n = 0
+    while n < min(len(a), len(b)) and a[n] == b[n]:
+        n += 1
+    return n
+
+
+def cpu_facts() -> tuple[str, str]:
+    text = Path("/proc/cpuinfo").read_text()
+    model = next((line.split(":", 1)[1].strip() for line in text.splitlines() if line.startswith("model name")),
+                 platform.processor())
+    flags = set(next((line.split(":", 1)[1] for line in text.splitlines() if line.startswith("flags")), "").split())
+    shown = ", ".join(f"{f} {'yes' if f in flags else 'no'}" for f in ("avx2", "avx512f", "avx512_bf16", "amx_bf16"))
+    return model, shown
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--dtype", default="auto", help="auto (what the server picks), float32, bfloat16")
+    parser.add_argument("--streams", type=int, default=16, help="concurrent streams (prompts repeat past 16)")
+    parser.add_argument("--new-tokens", type=int, default=128)
+    parser.add_argument("--repeats", type=int, default=3, help="repetitions of each throughput figure (median)")
+    parser.add_argument("--single", type=int, default=4, help="requests of each one-at-a-time measurement")
+    parser.add_argument("--p2-requests", type=int, default=50)
+    parser.add_argument("--record", action="store_true", help="append the figures to bench/RESULTS.md")
+    args = parser.parse_args()
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    began = time.perf_counter()
+    load_before = os.getloadavg()
+
+    def log(message: str) -> None:
+        print(f"[{time.perf_counter() - began:6.1f} s] {message}", flush=True)
+
+    dtype = resolve_dtype(args.dtype)
+    dtype_name = str(dtype).removeprefix("torch.")
+    model_dir = prepare_assets(names=["smollm2-mistral"], progress=False)["smollm2-mistral"]
+    tokenizer: Tokenizer = load_tokenizer(model_dir)
+    base = [Prompt(m := [{"role": "user", "content": q}], tokenizer.encode_chat({"messages": m})) for q in QUESTIONS]
+    prompts = [base[i % len(base)] for i in range(args.streams)]
+    singles = base[: args.single]
+    lengths = [len(p.ids) for p in prompts]
+    p2_ids = tokenizer.encode_text(P2_PROMPT)
+    n = args.new_tokens
+
+    # Baselines first, alone on the cores.
+    from transformers import AutoModelForCausalLM
+
+    log(f"HF transformers baselines ({dtype_name})")
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype).eval()
+    with torch.inference_mode():
+        hf_sequential(model, base[:1], 4)  # warm-up
+        hf_seq_runs, hf_texts = [], []
+        for _ in range(args.repeats):
+            seconds, outputs = hf_sequential(model, singles, n)
+            hf_seq_runs.append(len(singles) * n / seconds)
+            hf_texts = [tokenizer.decode(o) for o in outputs]
+            log(f"  HF sequential: {hf_seq_runs[-1]:.1f} tok/s")
+        hf_batch(model, prompts, 4, tokenizer.pad_id)  # warm-up
+        hf_batch_runs = []
+        for _ in range(args.repeats):
+            hf_batch_runs.append(len(prompts) * n / hf_batch(model, prompts, n, tokenizer.pad_id))
+            log(f"  HF batch of {len(prompts)}: {hf_batch_runs[-1]:.1f} tok/s")
+    torch_threads = torch.get_num_threads()
+    del model
+    gc.collect()
+
+    log("engine in process: 1-token requests")
+    engine_times = engine_one_token_times(model_dir, dtype, p2_ids, tokenizer.eos_id, args.p2_requests)
+    gc.collect()
+
+    with tempfile.TemporaryDirectory(prefix="plateforme-inflight-") as tmp:
+        endpoint = ChatEndpoint(ENDPOINT, model_dir, dtype=dtype_name, max_batch_size=MAX_BATCH_SIZE)
+        repository = render_repository(Path(tmp) / "repository", [endpoint])
+        config = ServerConfig(repository, http_port=free_port(), grpc_port=free_port(), metrics_port=free_port(),
+                              log_file=Path(tmp) / "tritonserver.log")
+        log("starting tritonserver")
+        with TritonServer(config) as server:
+            url = server.grpc_url
+            asyncio.run(concurrent(url, prompts[:2], 4))  # warm-up
+            ours_runs, ttft_n, concurrent_texts = [], [], {}
+            for _ in range(args.repeats):
+                wall, replies = asyncio.run(concurrent(url, prompts, n))
+                checked(replies, n)
+                ours_runs.append(len(prompts) * n / wall)
+                ttft_n += [r.ttft for r in replies]
+                concurrent_texts = {i: r.text for i, r in enumerate(replies[: len(base)])}
+                log(f"  ours, {len(prompts)} concurrent streams: {ours_runs[-1]:.1f} tok/s")
+            ours_single_runs, ttft_1, single_texts = [], [], []
+            for _ in range(args.repeats):
+                seconds, replies = asyncio.run(sequential(url, singles, n))
+                checked(replies, n)
+                ours_single_runs.append(len(singles) * n / seconds)
+                ttft_1 += [r.ttft for r in replies]
+                single_texts = [r.text for r in replies]
+                log(f"  ours, 1 stream: {ours_single_runs[-1]:.1f} tok/s")
+            # More first-token samples at 1 stream: every prompt alone, a few tokens each.
+            for _ in range(args.repeats):
+                _, replies = asyncio.run(sequential(url, base, 2))
+                ttft_1 += [r.ttft for r in replies]
+            log("  1-token round trips")
+            round_trips = asyncio.run(one_token_round_trips(url, args.p2_requests))
+    load_after = os.getloadavg()
+
+    ours, ours_single = statistics.median(ours_runs), statistics.median(ours_single_runs)
+    hf_seq, hf_bat = statistics.median(hf_seq_runs), statistics.median(hf_batch_runs)
+    overhead = pct(round_trips, 50) - pct(engine_times, 50)
+    ttft_ratio = pct(ttft_n, 50) / pct(ttft_1, 50)
+    hf_agree = [common_prefix(a, b) for a, b in zip(single_texts, hf_texts)]
+    batch_agree = [common_prefix(single_texts[i], concurrent_texts[i]) for i in range(len(single_texts))]
+    cpu_model, flags = cpu_facts()
+    k = args.streams
+    rows = [
+        ("ours: Triton ensemble over gRPC, streaming", f"{ours_single:.1f} tok/s", f"{ours:.1f} tok/s",
+         f"{ms(pct(ttft_1, 50))} / {ms(pct(ttft_n, 50))}", f"{ms(pct(ttft_1, 99))} / {ms(pct(ttft_n, 99))}"),
+        ("HF generate(), one request after another", f"{hf_seq:.1f} tok/s", "–", "", ""),
+        (f"HF generate(), one left-padded batch of {k}", "–", f"{hf_bat:.1f} tok/s", "", ""),
+    ]
+    lines = [
+        f"- command: `{shlex.join(['python', 'bench/inflight.py', *sys.argv[1:]])}`",
+        f"- machine: {cpu_model}, {os.cpu_count()} cores ({flags}); torch {torch.__version__}, "
+        f"{torch_threads} torch threads (server: num_threads 0 = the same default); {platform.platform()}",
+        f"- load average before / after: {load_before[0]:.2f} / {load_after[0]:.2f}",
+        f"- workload: {ENDPOINT} = smollm2-mistral (SmolLM2-135M-Instruct weights), dtype {dtype_name} "
+        f"(--dtype {args.dtype}), max_batch_size {MAX_BATCH_SIZE}, max_num_tokens {endpoint.max_num_tokens}; "
+        f"{k} chat prompts of {min(lengths)}-{max(lengths)} tokens, greedy, exactly {n} new tokens each "
+        f"(end_id -1); median of {args.repeats} runs; 1 stream = {len(singles)} requests one after another; "
+        f"the client (asyncio, one gRPC stream per request) shares the cores",
+        "",
+        f"| engine | 1 stream | {k} concurrent streams | TTFT p50 (1 / {k}) | TTFT p99 (1 / {k}) |",
+        "|---|---|---|---|---|",
+        *(f"| {' | '.join(row)} |" for row in rows),
+        "",
+        f"- runs, tok/s: ours {k} streams {[round(x, 1) for x in ours_runs]}, ours 1 stream "
+        f"{[round(x, 1) for x in ours_single_runs]}, HF sequential {[round(x, 1) for x in hf_seq_runs]}, "
+        f"HF batch {[round(x, 1) for x in hf_batch_runs]}",
+        f"- TTFT samples: {len(ttft_1)} at 1 stream (the 1-stream requests and each prompt alone), "
+        f"{len(ttft_n)} at {k} (every stream of every run); time from send to the first chunk with text",
+        f"- P2: 1-token request (`text_input` {P2_PROMPT!r}, {len(p2_ids)} prompt token, max_tokens 1, "
+        f"not streamed): round trip p50 {ms(pct(round_trips, 50))} (p99 {ms(pct(round_trips, 99))}); "
+        f"engine in process (add_request + step until done, same ids and dtype) p50 {ms(pct(engine_times, 50))}; "
+        f"{len(round_trips)} requests each",
+        f"- same text: ours 1 stream vs HF sequential, characters in common from the start: {hf_agree}; "
+        f"ours 1 stream vs the same prompts among {k} concurrent streams: {batch_agree} "
+        f"(of {[len(t) for t in single_texts]})",
+        "",
+        f"- ratio P1 ours/HF-sequential: {ours / hf_seq:.2f}x (goal >= 5x)",
+        f"- ratio P1 ours/HF-batch: {ours / hf_bat:.2f}x (goal >= 1.5x)",
+        f"- ratio TTFT{k}/TTFT1 p50: {ttft_ratio:.2f}x (goal <= 2x)",
+        f"- P2 serving overhead p50: {overhead * 1000:.2f} ms (goal <= 3 ms)",
+        f"- bench wall time: {time.perf_counter() - began:.0f} s",
+    ]
+    print("\n".join(lines))
+    if args.record:
+        record(SECTION, "python bench/inflight.py --record", f"### {datetime.date.today().isoformat()}, {dtype_name}, {k} streams, {n} new tokens", lines)
+        print(f"recorded in {RESULTS}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
