@@ -74,7 +74,7 @@ class _Request:
 
 @dataclass
 class _Cancel:
-    client_id: str
+    request_id: str  # the client's id of the request, or its engine_request_id
 
 
 class TritonPythonModel:
@@ -211,7 +211,7 @@ class TritonPythonModel:
             if isinstance(item, _Cancel):
                 # `stop` names a request by the id its client gave it, or by its engine_request_id.
                 for request in self.active.values():
-                    if item.client_id and item.client_id in (request.client_id, request.key):
+                    if item.request_id and item.request_id in (request.client_id, request.key):
                         self.engine.cancel(request.key)
                 continue
             try:
