@@ -255,7 +255,7 @@ def main() -> int:
     parser.add_argument("--streams", type=int, default=16, help="concurrent streams (prompts repeat past 16)")
     parser.add_argument("--new-tokens", type=int, default=128)
     parser.add_argument("--repeats", type=int, default=3, help="repetitions of each throughput figure (median)")
-    parser.add_argument("--single", type=int, default=4, help="requests of each one-at-a-time measurement")
+    parser.add_argument("--single", type=int, default=3, help="requests of each one-at-a-time measurement")
     parser.add_argument("--p2-requests", type=int, default=50)
     parser.add_argument("--record", action="store_true", help="append the figures to bench/RESULTS.md")
     args = parser.parse_args()

@@ -1,0 +1,14 @@
+"""Clients of plateforme endpoints: tritonclient wrappers, a `mistralai`-shaped SDK, the gateway."""
+from plateforme.clients.registry import ALIASES, PUBLIC_ENDPOINTS, Endpoint, Registry
+from plateforme.clients.sdk import (
+    SAFE_PROMPT, ChatCompletionResponse, CompletionChunk, CompletionEvent, EmbeddingResponse, InvalidRequestError,
+    ModelNotFoundError, PlateformeClient, PlateformeError, ServerUnavailableError, ToolCall, parse_tool_calls,
+)
+from plateforme.clients.triton_client import EndpointError, GenerationChunk, GenerationParams, TritonEndpoints
+
+__all__ = [
+    "ALIASES", "PUBLIC_ENDPOINTS", "SAFE_PROMPT", "ChatCompletionResponse", "CompletionChunk", "CompletionEvent",
+    "EmbeddingResponse", "Endpoint", "EndpointError", "GenerationChunk", "GenerationParams", "InvalidRequestError",
+    "ModelNotFoundError", "PlateformeClient", "PlateformeError", "Registry", "ServerUnavailableError", "ToolCall",
+    "TritonEndpoints", "parse_tool_calls",
+]

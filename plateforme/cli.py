@@ -230,7 +230,38 @@ def cmd_demo(args) -> int:
     print(f"Model repository: {repository}")
     server = TritonServer(_server_config(args, repository))
     print(f"Starting tritonserver (log: {server.log_path})...", flush=True)
-    return _serve_until_signal(server, on_ready=lambda: _demo_calls(server), once=args.once)
+
+    def on_ready():
+        _demo_calls(server)
+        if not args.once:
+            _start_gateway_thread(server.grpc_url, args.host, args.gateway_port)
+
+    return _serve_until_signal(server, on_ready=on_ready, once=args.once)
+
+
+def _start_gateway_thread(triton_url: str, host: str, port: int) -> None:
+    """Serve the Mistral-compatible gateway beside tritonserver (a daemon thread: it ends with it)."""
+    import threading
+
+    import uvicorn
+
+    from plateforme.clients.gateway import GatewayConfig, create_app
+
+    server = uvicorn.Server(uvicorn.Config(create_app(GatewayConfig(triton_url)), host=host, port=port,
+                                           log_level="warning"))
+    server.install_signal_handlers = lambda: None  # the demo's own handlers stop everything
+    threading.Thread(target=server.run, daemon=True).start()
+    print(f"Mistral API gateway: http://{host}:{port}/v1 (Mistral(server_url=\"http://{host}:{port}\"))",
+          flush=True)
+
+
+def cmd_gateway(args) -> int:
+    from plateforme.clients.gateway import GatewayConfig, serve
+
+    print(f"Mistral API gateway on http://{args.host}:{args.port}/v1 -> Triton {args.triton_url} "
+          f"({'HTTP' if args.http else 'gRPC'})", flush=True)
+    serve(GatewayConfig(args.triton_url, protocol="http" if args.http else "grpc"), host=args.host, port=args.port)
+    return 0
 
 
 def _demo_calls(server) -> None:
@@ -401,8 +432,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--once", action="store_true", help="exit after the printout")
     p.add_argument("--out", type=Path, help="where to render the repository")
     p.add_argument("--assets-dir", type=Path, help="demo assets directory")
+    p.add_argument("--gateway-port", type=int, default=8080,
+                   help="port of the Mistral API gateway started with the server (default 8080)")
     _add_server_args(p)
     p.set_defaults(func=cmd_demo)
+
+    p = sub.add_parser("gateway", help="serve the Mistral API (/v1/chat/completions, ...) in front of Triton",
+                       description="A Mistral-API-compatible HTTP gateway (chat, streaming, tools, JSON mode, "
+                                   "embeddings, models, /health, /metrics) in front of a running Triton server. "
+                                   "Set PLATEFORME_API_KEYS=key1,key2 to require Bearer keys.")
+    p.add_argument("--triton-url", default="127.0.0.1:8001",
+                   help="Triton address host:port (default 127.0.0.1:8001, gRPC)")
+    p.add_argument("--http", action="store_true", help="talk to Triton over HTTP (give its HTTP port)")
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
+    p.add_argument("--port", type=int, default=8080, help="port (default 8080)")
+    p.set_defaults(func=cmd_gateway)
 
     p = sub.add_parser("chat", help="chat with an endpoint of a running server")
     p.add_argument("prompt", help="the user message")

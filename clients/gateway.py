@@ -1,0 +1,345 @@
+"""A Mistral-API-compatible HTTP gateway in front of Triton (FastAPI + uvicorn).
+
+`POST /v1/chat/completions` (JSON or `text/event-stream`), `POST /v1/embeddings`, `GET /v1/models`,
+`GET /v1/models/{id}`, `/health`, `/metrics`. Errors are JSON bodies shaped like Mistral's, with
+the status the problem calls for: 422 invalid request body, 400 a request the model cannot serve,
+401 a missing/wrong API key (when PLATEFORME_API_KEYS is set), 404 an unknown model, 503 Triton
+unreachable or overloaded.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import threading
+import time
+from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
+from pydantic import AliasChoices, BaseModel, ConfigDict, Field
+from starlette.concurrency import run_in_threadpool
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from plateforme.clients.registry import Endpoint, Registry
+from plateforme.clients.sdk import (
+    InvalidRequestError, ModelNotFoundError, PlateformeError, Transport, completion_response, embedding_response,
+    join_chunks, plan_chat, stream_chunks,
+)
+from plateforme.clients.triton_client import DEFAULT_GRPC_URL
+
+DEFAULT_PORT = 8080
+
+
+# -- request bodies --------------------------------------------------------------------------
+class _Body(BaseModel):
+    # SDKs add fields over time (metadata, prompt_mode, ...): ignore what is not served.
+    model_config = ConfigDict(extra="ignore")
+
+
+class FunctionSpec(_Body):
+    name: str = Field(min_length=1, max_length=256)
+    description: str | None = None
+    parameters: dict[str, Any] | None = None
+
+
+class ToolSpec(_Body):
+    type: Literal["function"] = "function"
+    function: FunctionSpec
+
+
+class CalledFunction(_Body):
+    name: str
+    arguments: str | dict[str, Any]
+
+
+class ToolCallSpec(_Body):
+    id: str | None = None
+    type: Literal["function"] | None = "function"
+    function: CalledFunction
+
+
+class TextChunk(_Body):
+    type: Literal["text"]
+    text: str
+
+
+class Message(_Body):
+    role: Literal["system", "user", "assistant", "tool"]
+    content: str | list[TextChunk] | None = None
+    tool_calls: list[ToolCallSpec] | None = None
+    tool_call_id: str | None = None
+    name: str | None = None
+
+
+class ResponseFormat(_Body):
+    type: Literal["text", "json_object", "json_schema"] = "text"
+    json_schema: dict[str, Any] | None = None
+
+
+class FunctionName(_Body):
+    name: str
+
+
+class ToolChoiceFunction(_Body):
+    type: Literal["function"] = "function"
+    function: FunctionName
+
+
+class ChatCompletionRequest(_Body):
+    model: str = Field(min_length=1)
+    messages: list[Message] = Field(min_length=1)
+    temperature: float | None = Field(None, ge=0.0, le=2.0)
+    top_p: float | None = Field(None, gt=0.0, le=1.0)
+    max_tokens: int | None = Field(None, ge=1, le=1_000_000)
+    stream: bool = False
+    stop: str | list[str] | None = None
+    random_seed: int | None = Field(None, ge=0, lt=2**63, validation_alias=AliasChoices("random_seed", "seed"))
+    response_format: ResponseFormat | None = None
+    tools: list[ToolSpec] | None = None
+    tool_choice: Literal["none", "auto", "any", "required"] | ToolChoiceFunction | None = None
+    presence_penalty: float | None = Field(None, ge=-2.0, le=2.0)
+    frequency_penalty: float | None = Field(None, ge=-2.0, le=2.0)
+    n: int | None = Field(None, ge=1, le=1)
+    parallel_tool_calls: bool | None = None
+    safe_prompt: bool = False
+
+
+class EmbeddingRequest(_Body):
+    model: str = Field(min_length=1)
+    input: str | list[str] = Field(validation_alias=AliasChoices("input", "inputs"))
+    encoding_format: Literal["float", "base64"] = "float"
+
+
+# -- errors ----------------------------------------------------------------------------------
+_ERROR_TYPES = {400: "invalid_request_error", 401: "authentication_error", 404: "invalid_request_error",
+                422: "invalid_request_error", 503: "service_unavailable"}
+
+
+def error_body(status: int, message: str, param: str | None = None) -> dict:
+    return {"object": "error", "message": message, "type": _ERROR_TYPES.get(status, "api_error"),
+            "param": param, "code": str(status)}
+
+
+def error_response(status: int, message: str, param: str | None = None) -> JSONResponse:
+    return JSONResponse(error_body(status, message, param), status_code=status)
+
+
+# -- the app ---------------------------------------------------------------------------------
+@dataclass
+class GatewayConfig:
+    triton_url: str = DEFAULT_GRPC_URL
+    protocol: str = "grpc"
+    # Bearer keys accepted; empty: no authentication. Default: PLATEFORME_API_KEYS, comma-separated.
+    api_keys: frozenset[str] = field(default_factory=lambda: frozenset(
+        k.strip() for k in os.environ.get("PLATEFORME_API_KEYS", "").split(",") if k.strip()))
+    timeout: float = 300.0
+    default_max_tokens: int = 256
+
+
+class _Metrics:
+    def __init__(self):
+        self.registry = CollectorRegistry()
+        self.requests = Counter("plateforme_gateway_requests", "Gateway requests by route, model and status",
+                                ["route", "model", "status"], registry=self.registry)
+        self.latency = Histogram("plateforme_gateway_request_seconds", "Time to the full answer (or first byte "
+                                 "of a stream)", ["route"], registry=self.registry)
+        self.tokens = Counter("plateforme_gateway_tokens", "Tokens by model and kind (prompt, completion)",
+                              ["model", "kind"], registry=self.registry)
+
+
+def create_app(config: GatewayConfig | None = None) -> FastAPI:
+    """The gateway's ASGI app; serve it with `uvicorn.run(create_app(...))`."""
+    config = config or GatewayConfig()
+    transport = Transport(config.triton_url, config.protocol, timeout=config.timeout)
+    registry = Registry(config.triton_url, config.protocol)
+    metrics = _Metrics()
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI):
+        yield
+        transport.close()
+
+    app = FastAPI(title="plateforme gateway", version="0.1.0", lifespan=lifespan,
+                  description="Mistral's La Plateforme API in front of a Triton server.")
+    app.state.config, app.state.transport, app.state.registry = config, transport, registry
+    open_paths = {"/health", "/metrics", "/docs", "/openapi.json"}
+
+    @app.middleware("http")
+    async def authenticate(request: Request, call_next):
+        if config.api_keys and request.url.path not in open_paths:
+            scheme, _, key = request.headers.get("authorization", "").partition(" ")
+            if scheme.lower() != "bearer" or key.strip() not in config.api_keys:
+                return error_response(401, "missing or invalid API key (Authorization: Bearer <key>)")
+        return await call_next(request)
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid_body(request: Request, exc: RequestValidationError):
+        problems = "; ".join(f"{'.'.join(str(p) for p in e['loc'] if p != 'body')}: {e['msg']}" for e in exc.errors())
+        return error_response(422, f"invalid request: {problems}")
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, exc: StarletteHTTPException):
+        return error_response(exc.status_code, str(exc.detail))
+
+    @app.exception_handler(PlateformeError)
+    async def endpoint_error(request: Request, exc: PlateformeError):
+        return error_response(exc.status_code, exc.message)
+
+    async def lookup(name: str, kind: str) -> Endpoint:
+        endpoint = await run_in_threadpool(registry.get, name)
+        if endpoint is None:
+            raise ModelNotFoundError(f"model {name!r} is not served here; see GET /v1/models")
+        if endpoint.kind != kind:
+            raise InvalidRequestError(f"model {name!r} is a {endpoint.kind} model, not a {kind} model")
+        return endpoint
+
+    @app.get("/health")
+    async def health():
+        try:
+            served = await run_in_threadpool(registry.endpoints, True)
+        except PlateformeError as exc:
+            return error_response(503, exc.message)
+        return {"status": "ok", "models": [e.id for e in served]}
+
+    @app.get("/metrics")
+    async def prometheus():
+        return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+    @app.get("/v1/models")
+    async def list_models():
+        served = await run_in_threadpool(registry.endpoints)
+        return {"object": "list", "data": [_model_card(e) for e in served]}
+
+    @app.get("/v1/models/{model_id}")
+    async def get_model(model_id: str):
+        return _model_card(await lookup_any(model_id))
+
+    async def lookup_any(name: str) -> Endpoint:
+        endpoint = await run_in_threadpool(registry.get, name)
+        if endpoint is None:
+            raise ModelNotFoundError(f"model {name!r} is not served here; see GET /v1/models")
+        return endpoint
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(body: ChatCompletionRequest):
+        start = time.perf_counter()
+        endpoint = await lookup(body.model, "chat")
+        plan = plan_chat(
+            [_message(m) for m in body.messages], temperature=body.temperature, top_p=body.top_p,
+            max_tokens=body.max_tokens, stop=body.stop, random_seed=body.random_seed,
+            response_format=body.response_format.model_dump(exclude_none=True) if body.response_format else None,
+            tools=[t.model_dump(exclude_none=True) for t in body.tools] if body.tools else None,
+            tool_choice=body.tool_choice.model_dump() if isinstance(body.tool_choice, BaseModel) else body.tool_choice,
+            safe_prompt=body.safe_prompt, default_max_tokens=config.default_max_tokens,
+        )
+        inputs = plan.tensors(stream=body.stream)
+        if not body.stream:
+            try:
+                chunk = await run_in_threadpool(
+                    lambda: join_chunks(transport.generate(endpoint.model, inputs, stream=False)))
+            except PlateformeError as exc:
+                metrics.requests.labels("chat", body.model, str(exc.status_code)).inc()
+                raise
+            response = completion_response(body.model, plan, chunk)
+            _count(metrics, "chat", body.model, response.usage, start)
+            return response.model_dump()
+
+        chunks = transport.generate(endpoint.model, inputs, stream=True)
+        try:
+            # The first chunk comes before the response starts, so early errors get their status.
+            first = await run_in_threadpool(next, chunks, None)
+        except PlateformeError as exc:
+            metrics.requests.labels("chat", body.model, str(exc.status_code)).inc()
+            raise
+        events = stream_chunks(body.model, plan, _prepend(first, chunks))
+        metrics.latency.labels("chat").observe(time.perf_counter() - start)
+        return StreamingResponse(_sse(events, chunks, metrics, body.model), media_type="text/event-stream",
+                                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+
+    @app.post("/v1/embeddings")
+    async def embeddings(body: EmbeddingRequest):
+        start = time.perf_counter()
+        endpoint = await lookup(body.model, "embedding")
+        texts = [body.input] if isinstance(body.input, str) else body.input
+        if not texts or any(not t for t in texts):
+            raise InvalidRequestError("input must be a non-empty string or a non-empty list of non-empty strings")
+        vectors, counts = await run_in_threadpool(transport.embed, endpoint.model, texts)
+        response = embedding_response(body.model, vectors, counts, body.encoding_format)
+        _count(metrics, "embeddings", body.model, response.usage, start)
+        return response.model_dump()
+
+    return app
+
+
+def _model_card(endpoint: Endpoint) -> dict:
+    return {"id": endpoint.id, "object": "model", "created": endpoint.created, "owned_by": "plateforme",
+            "root": endpoint.model, "capabilities": {"completion_chat": endpoint.kind == "chat",
+                                                     "function_calling": endpoint.kind == "chat",
+                                                     "embedding": endpoint.kind == "embedding"}}
+
+
+def _message(message: Message) -> dict:
+    out = message.model_dump(exclude_none=True)
+    if isinstance(message.content, list):
+        out["content"] = [{"type": "text", "text": c.text} for c in message.content]
+    return out
+
+
+def _prepend(first, rest: Iterator) -> Iterator:
+    if first is not None:
+        yield first
+    yield from rest
+
+
+async def _sse(events: Iterator, source: Iterator, metrics: _Metrics, model: str) -> AsyncIterator[bytes]:
+    """`data: {chunk}` lines, then `data: [DONE]`; an error mid-stream is sent as a last error
+    event. Leaving early (client gone) closes the source, which cancels the request in Triton."""
+    status = "200"
+    try:
+        while True:
+            try:
+                event = await run_in_threadpool(next, events, None)
+            except PlateformeError as exc:
+                status = str(exc.status_code)
+                yield f"data: {json.dumps(error_body(exc.status_code, exc.message))}\n\n".encode()
+                break
+            if event is None:
+                break
+            if event.usage is not None:
+                metrics.tokens.labels(model, "prompt").inc(event.usage.prompt_tokens)
+                metrics.tokens.labels(model, "completion").inc(event.usage.completion_tokens)
+            yield f"data: {event.model_dump_json()}\n\n".encode()
+        yield b"data: [DONE]\n\n"
+    finally:
+        metrics.requests.labels("chat", model, status).inc()
+        # Not awaited: this also runs when the client left and the task is being cancelled.
+        threading.Thread(target=_close, args=(source,), daemon=True).start()
+
+
+def _close(source: Iterator) -> None:
+    """Close a generator, waiting for a `next` still running in another thread to return."""
+    for _ in range(600):
+        try:
+            source.close()
+            return
+        except ValueError:  # generator already executing
+            time.sleep(0.05)
+
+
+def _count(metrics: _Metrics, route: str, model: str, usage, start: float) -> None:
+    metrics.requests.labels(route, model, "200").inc()
+    metrics.latency.labels(route).observe(time.perf_counter() - start)
+    metrics.tokens.labels(model, "prompt").inc(usage.prompt_tokens)
+    metrics.tokens.labels(model, "completion").inc(usage.completion_tokens)
+
+
+def serve(config: GatewayConfig, host: str = "127.0.0.1", port: int = DEFAULT_PORT) -> None:
+    """Run the gateway until Ctrl-C."""
+    import uvicorn
+
+    uvicorn.run(create_app(config), host=host, port=port, log_level="warning")

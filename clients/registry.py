@@ -1,0 +1,98 @@
+"""Which public endpoints a Triton server serves, and the Triton model behind each name.
+
+The chat endpoints of a rendered repository are ensembles named like the endpoint, beside their
+`-preprocessing`, `-engine`, `-postprocessing` (and `-bls`) models; an embedding endpoint is one
+model with an `embedding` output. La Plateforme's later names are aliases of the launch names.
+"""
+from __future__ import annotations
+
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Literal
+
+PUBLIC_ENDPOINTS = ("mistral-tiny", "mistral-small", "mistral-medium", "mistral-embed")
+ALIASES = {"open-mistral-7b": "mistral-tiny", "open-mixtral-8x7b": "mistral-small",
+           "open-mixtral-8x22b": "mistral-medium"}
+_CHAT_PARTS = ("-preprocessing", "-engine", "-postprocessing", "-bls")
+
+
+@dataclass(frozen=True)
+class Endpoint:
+    id: str  # the public name clients send
+    model: str  # the Triton model it calls
+    kind: Literal["chat", "embedding"]
+    created: int = 0
+
+
+@dataclass
+class Registry:
+    """Endpoints discovered from a server's repository index, refreshed at most every `ttl` seconds."""
+
+    url: str
+    protocol: str = "grpc"
+    ttl: float = 5.0
+    _endpoints: dict[str, Endpoint] = field(default_factory=dict)
+    _loaded_at: float = float("-inf")
+    _lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def endpoints(self, refresh: bool = False) -> list[Endpoint]:
+        """Served endpoints; raises ServerUnavailableError when Triton cannot be reached."""
+        with self._lock:
+            if refresh or time.monotonic() - self._loaded_at > self.ttl:
+                self._endpoints = {e.id: e for e in discover(self.url, self.protocol)}
+                self._loaded_at = time.monotonic()
+            return list(self._endpoints.values())
+
+    def get(self, name: str) -> Endpoint | None:
+        """The endpoint called `name`, looking again at the server once if it is not known."""
+        found = {e.id: e for e in self.endpoints()}.get(name)
+        if found is None:
+            found = {e.id: e for e in self.endpoints(refresh=True)}.get(name)
+        return found
+
+
+def discover(url: str, protocol: str = "grpc") -> list[Endpoint]:
+    """Public names (and aliases) of the ready chat and embedding models, then the other served
+    endpoints under their own names."""
+    from plateforme.clients.sdk import ServerUnavailableError, classify
+    from tritonclient.utils import InferenceServerException
+
+    if protocol == "grpc":
+        import tritonclient.grpc as module
+    else:
+        import tritonclient.http as module
+    client = module.InferenceServerClient(url)
+    try:
+        if protocol == "grpc":
+            index = [{"name": m.name, "state": m.state} for m in client.get_model_repository_index().models]
+        else:
+            index = client.get_model_repository_index()
+        ready = {m["name"] for m in index if m.get("state") == "READY"}
+        kinds: dict[str, str] = {}
+        for name in sorted(ready):
+            if name.endswith(_CHAT_PARTS):
+                continue
+            if f"{name}-preprocessing" in ready and f"{name}-engine" in ready:
+                kinds[name] = "chat"
+            elif _has_embedding_output(client, name, protocol):
+                kinds[name] = "embedding"
+    except InferenceServerException as exc:
+        raise classify(exc) from None
+    except OSError as exc:
+        raise ServerUnavailableError(f"Triton at {url} is unreachable: {exc}") from None
+    finally:
+        client.close()
+    now = int(time.time())
+    endpoints = [Endpoint(name, name, kinds[name], now) for name in PUBLIC_ENDPOINTS if name in kinds]
+    endpoints += [Endpoint(alias, target, kinds[target], now) for alias, target in ALIASES.items() if target in kinds]
+    endpoints += [Endpoint(name, name, kind, now) for name, kind in kinds.items() if name not in PUBLIC_ENDPOINTS]
+    return endpoints
+
+
+def _has_embedding_output(client, name: str, protocol: str) -> bool:
+    if protocol == "grpc":
+        outputs = [o.name for o in client.get_model_metadata(name).outputs]
+    else:
+        outputs = [o["name"] for o in client.get_model_metadata(name).get("outputs", [])]
+    return "embedding" in outputs

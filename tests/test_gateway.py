@@ -1,0 +1,241 @@
+"""The Mistral-compatible gateway in front of the test server, driven by the official `mistralai`
+and `openai` SDKs, raw HTTP, a hypothesis fuzz of its request bodies and 32 concurrent streams."""
+from __future__ import annotations
+
+import base64
+import json
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import httpx2 as httpx
+import numpy as np
+import pytest
+import uvicorn
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from plateforme.clients.gateway import GatewayConfig, create_app
+from plateforme.clients.sdk import SAFE_PROMPT
+from plateforme.server import free_port
+
+pytestmark = pytest.mark.server
+
+QUESTION = [{"role": "user", "content": "What is the capital of France?"}]
+WEATHER_TOOL = {"type": "function", "function": {
+    "name": "get_weather", "parameters": {"type": "object", "properties": {"city": {"enum": ["Paris", "Lyon"]}},
+                                          "required": ["city"]}}}
+
+
+def start_gateway(triton_url: str, api_keys: frozenset[str] = frozenset()):
+    port = free_port()
+    server = uvicorn.Server(uvicorn.Config(create_app(GatewayConfig(triton_url, api_keys=api_keys)),
+                                          host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 30
+    while not server.started:
+        if time.monotonic() > deadline:
+            raise RuntimeError("gateway did not start")
+        time.sleep(0.05)
+    return server, thread, f"http://127.0.0.1:{port}"
+
+
+@pytest.fixture(scope="module")
+def gateway(server):
+    running, thread, url = start_gateway(server.grpc_url)
+    yield url
+    running.should_exit = True
+    thread.join(10)
+
+
+@pytest.fixture(scope="module")
+def http(gateway):
+    with httpx.Client(base_url=gateway, timeout=120) as client:
+        yield client
+
+
+# -- official SDKs ---------------------------------------------------------------------------
+def test_mistralai_sdk_chat_stream_and_embeddings(gateway):
+    from mistralai.client import Mistral
+
+    client = Mistral(api_key="x", server_url=gateway)
+    response = client.chat.complete(model="smollm2", messages=QUESTION, temperature=0.0, max_tokens=16)
+    assert "Paris" in response.choices[0].message.content
+    assert response.usage.total_tokens == response.usage.prompt_tokens + response.usage.completion_tokens > 5
+    text = "".join(event.data.choices[0].delta.content or ""
+                   for event in client.chat.stream(model="smollm2", messages=QUESTION, temperature=0.0, max_tokens=16))
+    assert text == response.choices[0].message.content
+    embeddings = client.embeddings.create(model="mistral-embed", inputs=["Paris", "Lyon"])
+    assert len(embeddings.data) == 2 and len(embeddings.data[0].embedding) == 384
+
+
+def test_mistralai_sdk_tool_call(gateway):
+    from mistralai.client import Mistral
+
+    client = Mistral(api_key="x", server_url=gateway)
+    response = client.chat.complete(model="mistral-tiny", messages=[{"role": "user", "content": "Weather?"}],
+                                    tools=[WEATHER_TOOL], tool_choice="any", max_tokens=64, random_seed=0)
+    call = response.choices[0].message.tool_calls[0]
+    assert response.choices[0].finish_reason == "tool_calls" and len(call.id) == 9
+    assert call.function.name == "get_weather"
+    # The call and its result go back into the conversation (v3 encoding with ids).
+    follow = client.chat.complete(model="mistral-tiny", max_tokens=4, messages=[
+        {"role": "user", "content": "Weather?"},
+        {"role": "assistant", "content": "", "tool_calls": [call.model_dump()]},
+        {"role": "tool", "name": "get_weather", "tool_call_id": call.id, "content": "sunny"}])
+    assert follow.usage.completion_tokens >= 1
+
+
+def test_openai_sdk_chat_stream_and_embeddings(gateway):
+    from openai import OpenAI
+
+    client = OpenAI(base_url=f"{gateway}/v1", api_key="x")
+    response = client.chat.completions.create(model="smollm2", messages=QUESTION, temperature=0, max_tokens=16)
+    assert "Paris" in response.choices[0].message.content
+    stream = client.chat.completions.create(model="smollm2", messages=QUESTION, temperature=0, max_tokens=16,
+                                            stream=True)
+    assert "".join(c.choices[0].delta.content or "" for c in stream) == response.choices[0].message.content
+    embeddings = client.embeddings.create(model="mistral-embed", input=["Paris", "Lyon"], encoding_format="base64")
+    assert np.frombuffer(base64.b64decode(embeddings.data[1].embedding), dtype="<f4").shape == (384,)
+    tool = client.chat.completions.create(model="mistral-tiny", messages=[{"role": "user", "content": "Weather?"}],
+                                          tools=[WEATHER_TOOL], tool_choice="required", max_tokens=64)
+    assert tool.choices[0].finish_reason == "tool_calls"
+    assert json.loads(tool.choices[0].message.tool_calls[0].function.arguments)["city"] in ("Paris", "Lyon")
+
+
+# -- HTTP surface ----------------------------------------------------------------------------
+def test_models_health_and_metrics(http):
+    ids = {m["id"] for m in http.get("/v1/models").json()["data"]}
+    assert {"mistral-tiny", "mistral-small", "mistral-embed", "open-mistral-7b", "open-mixtral-8x7b"} <= ids
+    assert "mistral-medium" not in ids
+    assert http.get("/v1/models/open-mixtral-8x7b").json()["root"] == "mistral-small"
+    assert http.get("/v1/models/mistral-medium").status_code == 404
+    assert http.get("/health").json()["status"] == "ok"
+    http.post("/v1/embeddings", json={"model": "mistral-embed", "input": "hi"})
+    assert 'plateforme_gateway_requests_total{model="mistral-embed",route="embeddings",status="200"}' \
+        in http.get("/metrics").text
+
+
+def test_embeddings_base64_equals_float(http):
+    body = {"model": "mistral-embed", "input": ["Paris is in France"]}
+    floats = http.post("/v1/embeddings", json=body).json()
+    packed = http.post("/v1/embeddings", json={**body, "encoding_format": "base64"}).json()
+    decoded = np.frombuffer(base64.b64decode(packed["data"][0]["embedding"]), dtype="<f4")
+    assert np.allclose(decoded, floats["data"][0]["embedding"]) and floats["object"] == "list"
+
+
+def test_json_mode_and_safe_prompt(http):
+    body = {"model": "mistral-tiny", "messages": [{"role": "user", "content": "JSON please"}], "max_tokens": 40,
+            "response_format": {"type": "json_object"}, "temperature": 1.0, "random_seed": 3}
+    content = http.post("/v1/chat/completions", json=body).json()["choices"][0]["message"]["content"]
+    assert isinstance(json.loads(content), dict)
+    plain = http.post("/v1/chat/completions", json={**body, "response_format": None}).json()["usage"]
+    safe = http.post("/v1/chat/completions", json={**body, "response_format": None, "safe_prompt": True}).json()
+    assert safe["usage"]["prompt_tokens"] > plain["prompt_tokens"] + len(SAFE_PROMPT.split())
+
+
+@pytest.mark.parametrize("body,status", [
+    ({"model": "mistral-tiny"}, 422),
+    ({"model": "mistral-tiny", "messages": [{"role": "robot", "content": "x"}]}, 422),
+    ({"model": "mistral-tiny", "messages": QUESTION, "max_tokens": 0}, 422),
+    ({"model": "mistral-tiny", "messages": QUESTION, "tool_choice": "sometimes"}, 422),
+    ({"model": "mistral-nope", "messages": QUESTION}, 404),
+    ({"model": "mistral-embed", "messages": QUESTION}, 400),
+    ({"model": "mistral-tiny", "messages": [{"role": "user", "content": "x " * 5000}], "max_tokens": 1}, 400),
+    ({"model": "mistral-tiny", "messages": [{"role": "assistant", "content": "x"}]}, 400),
+    ({"model": "mistral-small", "messages": QUESTION, "tools": [WEATHER_TOOL]}, 400),
+])
+@pytest.mark.parametrize("stream", [False, True])
+def test_client_errors_are_mistral_shaped(http, body, status, stream):
+    response = http.post("/v1/chat/completions", json={**body, "stream": stream})
+    assert response.status_code == status, response.text
+    error = response.json()
+    assert error["object"] == "error" and error["message"]
+
+
+def test_api_keys(server):
+    running, thread, url = start_gateway(server.grpc_url, api_keys=frozenset({"k1"}))
+    try:
+        body = {"model": "mistral-embed", "input": "hi"}
+        assert httpx.post(f"{url}/v1/embeddings", json=body).status_code == 401
+        assert httpx.post(f"{url}/v1/embeddings", json=body, headers={"Authorization": "Bearer no"}).status_code == 401
+        assert httpx.post(f"{url}/v1/embeddings", json=body, headers={"Authorization": "Bearer k1"}).status_code == 200
+        assert httpx.get(f"{url}/health").status_code == 200
+    finally:
+        running.should_exit = True
+        thread.join(10)
+
+
+def test_triton_down_is_503():
+    running, thread, url = start_gateway(f"127.0.0.1:{free_port()}")
+    try:
+        for method, path, body in [("POST", "/v1/chat/completions", {"model": "mistral-tiny", "messages": QUESTION}),
+                                   ("POST", "/v1/embeddings", {"model": "mistral-embed", "input": "x"}),
+                                   ("GET", "/v1/models", None), ("GET", "/health", None)]:
+            response = httpx.request(method, f"{url}{path}", json=body, timeout=30)
+            assert response.status_code == 503 and response.json()["object"] == "error", path
+    finally:
+        running.should_exit = True
+        thread.join(10)
+
+
+# -- fuzz and load ---------------------------------------------------------------------------
+_json = st.recursive(st.none() | st.booleans() | st.integers(-2**70, 2**70) | st.floats(allow_nan=False, allow_infinity=False)
+                     | st.text(max_size=8), lambda inner: st.lists(inner, max_size=3)
+                     | st.dictionaries(st.text(max_size=6), inner, max_size=3), max_leaves=6)
+_message = st.fixed_dictionaries({"role": st.sampled_from(["user", "system", "assistant", "tool", "x"])},
+                                 optional={"content": _json | st.text(max_size=20), "tool_calls": _json})
+_chat = st.fixed_dictionaries(
+    {"model": st.sampled_from(["mistral-tiny", "mistral-embed", "unknown", ""]),
+     "messages": st.lists(_message, max_size=3) | _json},
+    optional={"max_tokens": st.integers(-3, 4) | _json, "temperature": st.floats(-1, 3) | _json,
+              "top_p": _json, "stop": _json, "random_seed": st.integers(-5, 2**64) | _json,
+              "response_format": st.sampled_from([{"type": "json_object"}, {"type": "json_schema"}]) | _json,
+              "tools": st.just([WEATHER_TOOL]) | _json, "tool_choice": _json | st.sampled_from(["any", "none"]),
+              "stream": st.booleans(), "safe_prompt": _json, "n": _json})
+_embed = st.fixed_dictionaries({"model": st.sampled_from(["mistral-embed", "mistral-tiny"])},
+                               optional={"input": _json | st.lists(st.text(max_size=10), max_size=3),
+                                         "encoding_format": _json})
+
+
+@settings(max_examples=50, deadline=None, suppress_health_check=list(HealthCheck))
+@given(route=st.sampled_from(["/v1/chat/completions", "/v1/embeddings"]), chat=_chat, embed=_embed)
+def test_fuzzed_requests_never_get_a_5xx(http, route, chat, embed):
+    body = chat if route.endswith("completions") else embed
+    if isinstance(body.get("max_tokens"), int):
+        body["max_tokens"] = min(body["max_tokens"], 4)
+    elif route.endswith("completions"):
+        body["max_tokens"] = 2
+    response = http.post(route, json=body)
+    assert response.status_code < 500, (body, response.text)
+    if response.status_code >= 400:
+        assert response.json()["object"] == "error"
+
+
+def test_32_concurrent_streams_stay_apart(http):
+    def run(i):
+        body = {"model": "mistral-tiny", "messages": [{"role": "user", "content": f"stream {i}"}], "max_tokens": 12,
+                "temperature": 1.0, "random_seed": i, "stream": True}
+        ids, text = set(), ""
+        with http.stream("POST", "/v1/chat/completions", json=body) as response:
+            lines = [line for line in response.iter_lines() if line.startswith("data: ")]
+        assert lines[-1] == "data: [DONE]"
+        for line in lines[:-1]:
+            chunk = json.loads(line[6:])
+            ids.add(chunk["id"])
+            text += chunk["choices"][0]["delta"].get("content") or ""
+        last = json.loads(lines[-2][6:])
+        return ids, text, last["choices"][0]["finish_reason"], last["usage"]
+
+    with ThreadPoolExecutor(32) as pool:
+        results = list(pool.map(run, range(32)))
+    assert all(len(ids) == 1 for ids, _, _, _ in results)
+    assert len({next(iter(ids)) for ids, _, _, _ in results}) == 32  # no chunk crossed into another stream
+    assert all(reason in ("stop", "length") and usage["completion_tokens"] >= 1 for _, _, reason, usage in results)
+    # Each stream's text is the answer to its own request: replay one without streaming.
+    i = 7
+    replay = http.post("/v1/chat/completions", json={
+        "model": "mistral-tiny", "messages": [{"role": "user", "content": f"stream {i}"}], "max_tokens": 12,
+        "temperature": 1.0, "random_seed": i}).json()
+    assert replay["choices"][0]["message"]["content"] == results[i][1]

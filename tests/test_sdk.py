@@ -1,0 +1,154 @@
+"""The mistralai-shaped client (clients/sdk.py) and the endpoint registry, against the test server;
+the `[TOOL_CALLS]` parser and the request mapping as units."""
+from __future__ import annotations
+
+import json
+import re
+
+import pytest
+
+from plateforme.clients.registry import Registry
+from plateforme.clients.sdk import (
+    SAFE_PROMPT, InvalidRequestError, ModelNotFoundError, PlateformeClient, ServerUnavailableError, parse_tool_calls,
+    plan_chat,
+)
+
+WEATHER_TOOL = {"type": "function", "function": {
+    "name": "get_weather", "description": "Weather in a city",
+    "parameters": {"type": "object", "properties": {"city": {"enum": ["Paris", "Lyon"]}}, "required": ["city"]}}}
+QUESTION = [{"role": "user", "content": "What is the capital of France?"}]
+
+
+# -- units -----------------------------------------------------------------------------------
+def test_parse_tool_calls_parallel_calls_with_nine_character_ids():
+    text = '[TOOL_CALLS][{"name": "get_weather", "arguments": {"city": "Paris"}}, ' \
+           '{"name": "get_time", "arguments": "{\\"tz\\": \\"CET\\"}"}]'
+    calls = parse_tool_calls(text)
+    assert [c.function.name for c in calls] == ["get_weather", "get_time"]
+    assert [json.loads(c.function.arguments) for c in calls] == [{"city": "Paris"}, {"tz": "CET"}]
+    assert all(re.fullmatch(r"[a-zA-Z0-9]{9}", c.id) for c in calls) and calls[0].id != calls[1].id
+    assert [c.index for c in calls] == [0, 1]
+
+
+@pytest.mark.parametrize("text,names", [
+    (' [TOOL_CALLS] {"name": "f", "arguments": {}} trailing text', ["f"]),  # one object, text after it
+    ('[TOOL_CALLS][{"name": "f", "arguments": {"a": [1, {"b": null}]}, "id": "abcDEF123"}]', ["f"]),
+    ("Paris is the capital.", None),
+    ("[TOOL_CALLS]not json", None),
+    ('[TOOL_CALLS][{"arguments": {}}]', None),  # no name
+    ('[TOOL_CALLS][{"name": "f", "arguments": "not json"}]', None),
+    ('[TOOL_CALLS][{"name": "f", "arguments": [1]}]', None),
+    ("[TOOL_CALLS][]", None),
+])
+def test_parse_tool_calls_is_robust(text, names):
+    calls = parse_tool_calls(text)
+    assert (None if calls is None else [c.function.name for c in calls]) == names
+
+
+def test_parse_tool_calls_keeps_a_valid_id():
+    calls = parse_tool_calls('[TOOL_CALLS][{"name": "f", "arguments": {}, "id": "abcDEF123"}]')
+    assert calls[0].id == "abcDEF123"
+
+
+def test_plan_maps_mistral_arguments_onto_ensemble_inputs():
+    plan = plan_chat([{"role": "system", "content": "Be brief."}] + QUESTION, safe_prompt=True, stop="\n",
+                     random_seed=7, max_tokens=5, tools=[WEATHER_TOOL], response_format={"type": "json_object"})
+    request = json.loads(plan.messages_json)
+    assert request["messages"][0] == {"role": "system", "content": f"{SAFE_PROMPT}\n\nBe brief."}
+    assert request["tools"] == [WEATHER_TOOL]
+    inputs = plan.tensors(stream=False)
+    assert inputs["stop_words"][0].tolist() == [[b"\n"]] and inputs["seed"][0].item() == 7
+    assert inputs["guided_decoding_guide_type"][0].item() == b"json"
+    assert "tools" not in json.loads(plan_chat(QUESTION, tools=[WEATHER_TOOL], tool_choice="none").messages_json)
+    forced = plan_chat(QUESTION, tools=[WEATHER_TOOL], tool_choice={"type": "function", "function": {"name": "get_weather"}})
+    assert forced.forced_tool_call and forced.guide_type == "json_schema"
+    assert json.loads(forced.guide)["items"]["properties"]["name"] == {"const": "get_weather"}
+    with pytest.raises(InvalidRequestError, match="not among the tools"):
+        plan_chat(QUESTION, tools=[WEATHER_TOOL], tool_choice={"type": "function", "function": {"name": "nope"}})
+    schema = {"type": "object", "properties": {"ok": {"type": "boolean"}}}
+    plan = plan_chat(QUESTION, response_format={"type": "json_schema", "json_schema": {"name": "s", "schema": schema}})
+    assert (plan.guide_type, json.loads(plan.guide)) == ("json_schema", schema)
+
+
+# -- against the server ----------------------------------------------------------------------
+needs_server = pytest.mark.server
+
+
+@pytest.fixture(scope="module", params=["grpc", "http"])
+def client(request, server):
+    url = server.grpc_url if request.param == "grpc" else server.http_url
+    with PlateformeClient(url, protocol=request.param) as client:
+        yield client
+
+
+@needs_server
+def test_chat_complete_answers_with_usage(client):
+    response = client.chat.complete(model="smollm2", messages=QUESTION, temperature=0.0, max_tokens=16)
+    assert "Paris" in response.choices[0].message.content
+    assert response.object == "chat.completion" and response.choices[0].finish_reason in ("stop", "length")
+    usage = response.usage
+    assert usage.prompt_tokens > 5 and 0 < usage.completion_tokens <= 16
+    assert usage.total_tokens == usage.prompt_tokens + usage.completion_tokens
+
+
+@needs_server
+def test_chat_stream_concatenates_to_the_answer(client):
+    kwargs = dict(model="smollm2", messages=QUESTION, temperature=0.0, max_tokens=12)
+    full = client.chat.complete(**kwargs).choices[0].message.content
+    events = list(client.chat.stream(**kwargs))
+    assert events[0].data.choices[0].delta.role == "assistant"
+    assert "".join(e.data.choices[0].delta.content or "" for e in events) == full
+    assert events[-1].data.choices[0].finish_reason in ("stop", "length") and events[-1].data.usage.completion_tokens
+
+
+@needs_server
+def test_embeddings_create(client):
+    response = client.embeddings.create(model="mistral-embed", inputs=["Paris", "Lyon is in France"])
+    assert [d.index for d in response.data] == [0, 1] and len(response.data[0].embedding) == 384
+    assert response.usage.prompt_tokens > 2
+
+
+@needs_server
+def test_forced_tool_call_on_the_random_model(server):
+    client = PlateformeClient(server.grpc_url)
+    response = client.chat.complete(model="open-mistral-7b", messages=[{"role": "user", "content": "Weather?"}],
+                                    tools=[WEATHER_TOOL], tool_choice="any", max_tokens=64, random_seed=0)
+    choice = response.choices[0]
+    assert choice.finish_reason == "tool_calls", choice
+    assert choice.message.tool_calls[0].function.name == "get_weather"
+    assert json.loads(choice.message.tool_calls[0].function.arguments)["city"] in ("Paris", "Lyon")
+
+
+@needs_server
+def test_tools_reach_the_v3_chat_encoding(server):
+    client = PlateformeClient(server.grpc_url)
+    messages = [{"role": "user", "content": "Weather?"}]
+    plain = client.chat.complete(model="mistral-tiny", messages=messages, max_tokens=1)
+    with_tools = client.chat.complete(model="mistral-tiny", messages=messages, tools=[WEATHER_TOOL], max_tokens=1)
+    # [AVAILABLE_TOOLS] ... the tool's JSON ... [/AVAILABLE_TOOLS] precede the last user message.
+    assert with_tools.usage.prompt_tokens > plain.usage.prompt_tokens + 20
+    with pytest.raises(InvalidRequestError, match="does not support tools"):
+        client.chat.complete(model="mistral-small", messages=messages, tools=[WEATHER_TOOL], max_tokens=1)
+
+
+@needs_server
+def test_errors_are_classified(server):
+    client = PlateformeClient(server.grpc_url)
+    with pytest.raises(ModelNotFoundError):
+        client.chat.complete(model="no-such-model", messages=QUESTION, max_tokens=1)
+    with pytest.raises(InvalidRequestError):
+        client.chat.complete(model="mistral-tiny", messages=[{"role": "user", "content": "x " * 5000}], max_tokens=1)
+    down = PlateformeClient("127.0.0.1:1", retries=1, timeout=5)
+    with pytest.raises(ServerUnavailableError):
+        down.chat.complete(model="mistral-tiny", messages=QUESTION)
+
+
+@needs_server
+def test_registry_lists_only_served_endpoints(server):
+    endpoints = {e.id: e for e in Registry(server.grpc_url).endpoints()}
+    assert endpoints["mistral-tiny"].kind == "chat" and endpoints["mistral-embed"].kind == "embedding"
+    assert endpoints["open-mistral-7b"].model == "mistral-tiny" and endpoints["open-mixtral-8x7b"].model == "mistral-small"
+    assert "mistral-medium" not in endpoints and "open-mixtral-8x22b" not in endpoints
+    assert "smollm2" in endpoints and not any(name.endswith(("-engine", "-bls", "-preprocessing")) for name in endpoints)
+    http = {e.id for e in Registry(server.http_url, protocol="http").endpoints()}
+    assert http == set(endpoints)
