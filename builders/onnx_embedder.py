@@ -28,8 +28,10 @@ The export directory (read by python_backend.embeddings.OnnxEmbedder):
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -397,3 +399,139 @@ def check_embedder_onnx(
         lint_warnings=lint_warnings,
         versions={"onnxruntime": onnxruntime.__version__, "polygraphy": polygraphy.__version__},
     )
+
+
+@dataclass
+class PlanProfile:
+    """The optimization profile of a TensorRT plan: the batch and sequence ranges it accepts (both
+    inputs share them), and the shapes TensorRT tunes its kernels for."""
+
+    min_batch: int = 1
+    opt_batch: int = 8
+    max_batch: int = 32
+    min_sequence: int = 1
+    opt_sequence: int = 128
+    max_sequence: int = 256
+
+    def validate(self) -> None:
+        for axis in ("batch", "sequence"):
+            low, opt, high = (getattr(self, f"{kind}_{axis}") for kind in ("min", "opt", "max"))
+            if not all(isinstance(v, int) and not isinstance(v, bool) for v in (low, opt, high)):
+                raise ValueError(f"the {axis} profile must be ints, got min {low!r}, opt {opt!r}, max {high!r}")
+            if not 1 <= low <= opt <= high:
+                raise ValueError(f"the {axis} profile needs 1 <= min <= opt <= max, got {low}, {opt}, {high}")
+
+
+def _tensorrt_version() -> str:
+    """The installed TensorRT's version, or TensorRTUnavailableError saying what is missing."""
+    import importlib.util
+
+    if importlib.util.find_spec("tensorrt") is None:
+        raise TensorRTUnavailableError(
+            "TensorRT is not installed: building a plan needs the `tensorrt` Python package (NVIDIA's TensorRT "
+            "or Triton containers, or `pip install tensorrt` from NVIDIA's index) and an NVIDIA GPU. "
+            "The ONNX embedder itself runs without it (runtime onnx, ONNX Runtime)."
+        )
+    try:
+        import tensorrt
+    except Exception as exc:  # a wheel without its CUDA libraries fails at import
+        raise TensorRTUnavailableError(f"TensorRT is installed but does not load: {exc}") from None
+    return tensorrt.__version__
+
+
+def build_tensorrt_plan(
+    onnx_path: str | Path,
+    out_path: str | Path,
+    profile: PlanProfile | None = None,
+    fp16: bool = False,
+    workspace_bytes: int | None = None,
+) -> Path:
+    """Build a TensorRT engine ("plan") of the ONNX embedder with one optimization profile over batch and
+    sequence, through polygraphy's TensorRT loaders (the API behind `polygraphy convert --convert-to trt
+    --trt-min-shapes/--trt-opt-shapes/--trt-max-shapes`). Needs TensorRT and an NVIDIA GPU: without them it
+    raises TensorRTUnavailableError and writes nothing. The plan and a JSON record beside it
+    (`<plan>.json`: profile, precision, TensorRT version, source ONNX) are written atomically.
+
+    `profile.max_sequence` defaults to the export's max_tokens. fp16=False keeps float32, the precision
+    check_embedder_onnx checked; fp16=True halves memory traffic at a cosine cost to be measured on the GPU.
+
+    A plan only loads in the TensorRT version that built it, on the GPU model it was built on: build it
+    on the serving machine's kind of GPU, inside the Triton container's TensorRT version.
+
+    Serving it (not done by `render_repository`, and not run here): Triton's tensorrt backend
+    cannot tokenize, so the embedding endpoint `<name>` would become three models with the same outside
+    contract (`text_input` -> `embedding`, `num_input_tokens`):
+      - `<name>-tokenizer`: backend "python", `text_input` TYPE_STRING [1] -> `input_ids`,
+        `attention_mask` TYPE_INT64 [-1], `num_input_tokens` TYPE_INT32 [1] (the export's tokenizer files,
+        truncation at max_tokens; a batch of texts padded to its longest);
+      - `<name>-encoder`: `platform: "tensorrt_plan"` with the plan as `1/model.plan`,
+        `max_batch_size` <= profile.max_batch, inputs `input_ids`, `attention_mask` TYPE_INT64 dims [-1],
+        output `embedding` TYPE_FP32 dims [dim], `instance_group [{ kind: KIND_GPU }]`,
+        dynamic batching (Triton batches requests of equal sequence length together);
+      - `<name>`: `platform: "ensemble"` wiring tokenizer -> encoder, outputs `embedding` and
+        `num_input_tokens`.
+    Until that is rendered and run on a GPU, a plan built here is unverified in serving.
+    """
+    onnx_path = Path(onnx_path)
+    out_path = Path(out_path)
+    if not onnx_path.is_file():
+        raise FileNotFoundError(f"{onnx_path} does not exist")
+    if profile is None:
+        manifest_path = onnx_path.parent / ONNX_MANIFEST_FILE
+        max_tokens = json.loads(manifest_path.read_text()).get("max_tokens") if manifest_path.is_file() else None
+        profile = PlanProfile(max_sequence=max_tokens or PlanProfile.max_sequence)
+        profile.opt_sequence = min(profile.opt_sequence, profile.max_sequence)
+    profile.validate()
+    if workspace_bytes is not None and workspace_bytes <= 0:
+        raise ValueError(f"workspace_bytes must be positive, got {workspace_bytes}")
+    trt_version = _tensorrt_version()
+
+    import tensorrt as trt
+    from polygraphy.backend.trt import CreateConfig, EngineBytesFromNetwork, NetworkFromOnnxPath, Profile
+    from polygraphy.logger import G_LOGGER
+
+    shapes = Profile()
+    for name in ONNX_INPUTS:
+        shapes.add(
+            name,
+            min=(profile.min_batch, profile.min_sequence),
+            opt=(profile.opt_batch, profile.opt_sequence),
+            max=(profile.max_batch, profile.max_sequence),
+        )
+    config = CreateConfig(
+        fp16=fp16,
+        profiles=[shapes],
+        memory_pool_limits=None if workspace_bytes is None else {trt.MemoryPoolType.WORKSPACE: workspace_bytes},
+    )
+    try:
+        with G_LOGGER.verbosity(G_LOGGER.ERROR):
+            plan = EngineBytesFromNetwork(NetworkFromOnnxPath(str(onnx_path)), config=config)()
+    except Exception as exc:  # no GPU / CUDA driver, an unsupported operator, out of memory...
+        raise TensorRTUnavailableError(f"TensorRT {trt_version} could not build a plan from {onnx_path}: {exc}") from None
+    record = {
+        "plan": out_path.name,
+        "onnx": str(onnx_path.absolute()),
+        "onnx_sha256": _sha256(onnx_path),
+        "tensorrt_version": trt_version,
+        "precision": "fp16" if fp16 else "fp32",
+        "profile": asdict(profile),
+        "inputs": list(ONNX_INPUTS),
+        "output": ONNX_OUTPUT,
+    }
+    _atomic_write_bytes(out_path, bytes(plan))
+    _atomic_write_bytes(out_path.with_name(out_path.name + ".json"), (json.dumps(record, indent=2) + "\n").encode())
+    return out_path
+
+
+def _atomic_write_bytes(path: Path, data: bytes) -> None:
+    """Write through a temporary sibling renamed into place (builders/atomic.py's rule, for bytes)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(data)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise

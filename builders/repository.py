@@ -11,6 +11,7 @@ and per embedding endpoint (e.g. `mistral-embed`) one python model.
 from __future__ import annotations
 
 import json
+import os
 import re
 import shutil
 from dataclasses import dataclass
@@ -67,12 +68,25 @@ class ChatEndpoint:
     kv_cache_free_gpu_mem_fraction: float = 0.9  # TensorRT-LLM: GPU memory left after load given to the KV cache
 
 
+EMBEDDING_RUNTIMES = ("pytorch", "onnx")
+EMBEDDING_ONNX_DIR = "onnx"  # where an ONNX embedder is copied, inside the embedding model's version dir
+
+
 @dataclass
 class EmbeddingEndpoint:
+    """One embedding model. `runtime` "pytorch" runs the checkpoint in `model_dir`; "onnx" runs an ONNX
+    embedder exported by builders/onnx_embedder.py (`onnx_path`: its model.onnx or its directory) with
+    ONNX Runtime, copied into the rendered model so the repository is self-contained.
+
+    A TensorRT plan of the same graph (onnx_embedder.build_tensorrt_plan) is not rendered: it would be
+    served by Triton's tensorrt backend behind a tokenizer model and an ensemble, see that function."""
+
     name: str
     model_dir: Path
     max_batch_size: int = 32
     num_threads: int = 0
+    runtime: str = "pytorch"
+    onnx_path: Path | None = None
 
 
 def templates_root() -> Path:
@@ -106,6 +120,32 @@ def _check_chat_model_dir(endpoint: ChatEndpoint) -> None:
         raise RepositoryError(f"{endpoint.name}: engine must be one of {ENGINE_KINDS}")
     if endpoint.engine == "tensorrtllm" and not (endpoint.engine_dir and Path(endpoint.engine_dir).is_dir()):
         raise RepositoryError(f"{endpoint.name}: --engine tensorrtllm needs an existing engine directory")
+
+
+def _check_onnx_embedder(endpoint: EmbeddingEndpoint) -> Path:
+    """The directory of the endpoint's exported ONNX embedder, refusing anything else."""
+    from plateforme.python_backend.embeddings import read_onnx_manifest
+
+    if endpoint.onnx_path is None:
+        raise RepositoryError(f"{endpoint.name}: runtime onnx needs onnx_path (an exported ONNX embedder)")
+    path = Path(endpoint.onnx_path).absolute()
+    onnx_dir = path if path.is_dir() else path.parent
+    if not path.exists():
+        raise RepositoryError(f"{endpoint.name}: {path} does not exist")
+    try:
+        manifest = read_onnx_manifest(onnx_dir)
+    except ValueError as exc:
+        raise RepositoryError(f"{endpoint.name}: {exc} (export one with `plateforme export-embedder`)") from None
+    if path.is_file() and path.name != manifest["model"]:
+        raise RepositoryError(f"{endpoint.name}: {onnx_dir} exports {manifest['model']}, not {path.name}")
+    return onnx_dir
+
+
+def _link_or_copy(source: str, target: str) -> None:
+    try:
+        os.link(source, target)
+    except OSError:
+        shutil.copy2(source, target)
 
 
 def _check_engine(endpoint: ChatEndpoint) -> engine_manifest.EngineFacts:
@@ -270,25 +310,40 @@ def render_repository(
             f"TensorRT-LLM engines of different world sizes ({sizes}) cannot share one MPI launch; "
             "render them into separate repositories"
         )
+    onnx_dirs: dict[str, Path] = {}
     for endpoint in embeddings:
         _check_name(endpoint.name)
         if not (Path(endpoint.model_dir) / "config.json").is_file():
             raise RepositoryError(f"{endpoint.name}: {endpoint.model_dir} has no config.json")
+        if endpoint.runtime not in EMBEDDING_RUNTIMES:
+            raise RepositoryError(
+                f"{endpoint.name}: embedding runtime must be one of {EMBEDDING_RUNTIMES}, got {endpoint.runtime!r}"
+            )
+        if endpoint.runtime == "onnx":
+            onnx_dirs[endpoint.name] = _check_onnx_embedder(endpoint)
     templates = templates_root()
     with atomic_directory(out_dir) as tmp:
         for endpoint in chat:
             for model_name, (kind, values) in _chat_models(endpoint, engines.get(endpoint.name)).items():
                 _render_model(templates, kind, tmp, model_name, values)
         for endpoint in embeddings:
+            onnx_dir = onnx_dirs.get(endpoint.name)
             _render_model(templates, "embedding", tmp, endpoint.name, {
                 "triton_max_batch_size": endpoint.max_batch_size,
                 "model_dir": str(Path(endpoint.model_dir).absolute()),
                 "num_threads": endpoint.num_threads,
+                "runtime": endpoint.runtime,
+                "onnx_dir": EMBEDDING_ONNX_DIR if onnx_dir else "",
             })
+            if onnx_dir:
+                # Hard links where the filesystem allows: the graph holds all the weights (~90 MB for MiniLM).
+                shutil.copytree(onnx_dir, tmp / endpoint.name / "1" / EMBEDDING_ONNX_DIR, copy_function=_link_or_copy)
         manifest = {
             "chat": {e.name: {"model_dir": str(Path(e.model_dir).absolute()), "engine": e.engine}
                      for e in chat},
-            "embeddings": {e.name: {"model_dir": str(Path(e.model_dir).absolute())} for e in embeddings},
+            "embeddings": {e.name: {"model_dir": str(Path(e.model_dir).absolute()), "runtime": e.runtime,
+                                    **({"onnx_dir": str(onnx_dirs[e.name])} if e.name in onnx_dirs else {})}
+                           for e in embeddings},
         }
         for name, facts in engines.items():
             manifest["chat"][name].update(engine_dir=str(Path(facts.engine_dir).absolute()),

@@ -330,6 +330,21 @@ def cmd_fill_template(args) -> int:
     return fill_template.main([str(args.file_path), args.substitutions] + (["-i"] if args.in_place else []))
 
 
+def cmd_export_embedder(args) -> int:
+    from plateforme.builders.onnx_embedder import check_embedder_onnx, export_embedder_onnx
+
+    onnx_path = export_embedder_onnx(args.model_dir, args.out_dir)
+    print(f"ONNX embedder written to {onnx_path.parent} ({onnx_path.stat().st_size / 1e6:.1f} MB graph)")
+    if args.check:
+        check = check_embedder_onnx(onnx_path, args.model_dir)
+        print(f"  check passed: {check.texts} texts in {check.cases} batches (up to {check.max_sequence} tokens), "
+              f"max |diff| {check.max_abs_diff:.2e} (atol {check.atol:g}, rtol {check.rtol:g}), "
+              f"lowest cosine {check.min_cosine:.7f}; lint: {check.lint_nodes_passing} nodes, "
+              f"{len(check.lint_warnings)} warning(s)")
+    print(f"  serve it: EmbeddingEndpoint(..., runtime=\"onnx\", onnx_path={str(onnx_path.parent)!r})")
+    return 0
+
+
 # -- parser ------------------------------------------------------------------------------
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
@@ -475,6 +490,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("substitutions")
     p.add_argument("-i", "--in-place", action="store_true")
     p.set_defaults(func=cmd_fill_template)
+
+    p = sub.add_parser("export-embedder", help="embedding checkpoint -> ONNX (encoder + pooling + normalisation)",
+                       description="Export a sentence-transformers BERT checkpoint to OUT_DIR/model.onnx with its "
+                                   "tokenizer; --check compares it with PyTorch (polygraphy, ONNX Runtime) and lints it.")
+    p.add_argument("model_dir", type=Path)
+    p.add_argument("out_dir", type=Path)
+    p.add_argument("--check", action="store_true", help="run the polygraphy checks after the export")
+    p.set_defaults(func=cmd_export_embedder)
     return parser
 
 

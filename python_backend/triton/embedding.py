@@ -1,11 +1,18 @@
-"""Triton embedding model (`mistral-embed`): a dynamic batch of texts -> unit vectors."""
+"""Triton embedding model (`mistral-embed`): a dynamic batch of texts -> unit vectors.
+
+Config parameter `runtime`: `pytorch` (default) runs the checkpoint in `model_dir`; `onnx` runs the exported
+ONNX embedder in `onnx_dir` (relative to the model version directory, where the repository renderer copies
+it) with ONNX Runtime. Both answer with the same tensors.
+"""
 from __future__ import annotations
+
+from pathlib import Path
 
 import numpy as np
 import torch
 import triton_python_backend_utils as pb_utils
 
-from plateforme.python_backend.embeddings import Embedder
+from plateforme.python_backend.embeddings import Embedder, OnnxEmbedder
 from plateforme.python_backend.triton import tensors as t
 
 
@@ -13,9 +20,18 @@ class TritonPythonModel:
     def initialize(self, args):
         params = t.model_parameters(args)
         threads = t.int_parameter(params, "num_threads", 0)
-        if threads > 0:
-            torch.set_num_threads(threads)
-        self.embedder = Embedder(params["model_dir"])
+        runtime = params.get("runtime", "pytorch")
+        if runtime == "pytorch":
+            if threads > 0:
+                torch.set_num_threads(threads)
+            self.embedder = Embedder(params["model_dir"])
+        elif runtime == "onnx":
+            if "onnx_dir" not in params:
+                raise ValueError("runtime onnx needs the config parameter onnx_dir")
+            version_dir = Path(args["model_repository"]) / args["model_version"]
+            self.embedder = OnnxEmbedder(version_dir / params["onnx_dir"], num_threads=threads)
+        else:
+            raise ValueError(f"config parameter runtime={runtime!r}: expected pytorch or onnx")
 
     def execute(self, requests):
         # Embed every valid text of the dynamic batch in one forward pass.
