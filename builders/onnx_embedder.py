@@ -69,7 +69,7 @@ TOKENIZER_FILES = ("tokenizer.json", "vocab.txt")  # at least one must be there
 
 # Tolerances of the ONNX Runtime vs PyTorch comparison. The vectors are unit vectors (components
 # ~0.05); float32 ONNX Runtime and PyTorch kernels sum in different orders and differ by ~1e-7.
-# A pass is |onnx - torch| <= atol + rtol * |torch| elementwise (polygraphy's CompareFunc.simple).
+# A pass is |onnx - torch| <= atol + rtol * |torch| elementwise (polygraphy's SimpleCompareFunc).
 CHECK_ATOL = 1e-4
 CHECK_RTOL = 1e-3
 MIN_COSINE = 0.9999
@@ -159,14 +159,14 @@ def _check_checkpoint(model_dir: Path) -> dict:
         config = json.loads(config_path.read_text())
     except json.JSONDecodeError as exc:
         raise OnnxExportError(f"{config_path} is not valid JSON: {exc}") from None
-    if not any((model_dir / name).is_file() for name in TOKENIZER_FILES):
-        raise OnnxExportError(f"{model_dir} has no tokenizer (expected one of {', '.join(TOKENIZER_FILES)})")
     architectures = config.get("architectures") or []
     if config.get("model_type") != "bert" and not any("Bert" in a for a in architectures):
         raise OnnxExportError(
             f"{model_dir} is a {config.get('model_type') or architectures} model; the ONNX embedder export "
             "handles BERT-like sentence-transformers encoders"
         )
+    if not any((model_dir / name).is_file() for name in TOKENIZER_FILES):
+        raise OnnxExportError(f"{model_dir} has no tokenizer (expected one of {', '.join(TOKENIZER_FILES)})")
     return config
 
 
@@ -218,6 +218,7 @@ def export_embedder_onnx(model_dir: str | Path, out_dir: str | Path) -> Path:
                     },
                     do_constant_folding=True,
                 )
+        _fix_output_width(onnx_path, embedder.dim)
         for name in COPIED_FILES:
             source = model_dir / name
             if source.is_file():
@@ -245,6 +246,18 @@ def export_embedder_onnx(model_dir: str | Path, out_dir: str | Path) -> Path:
         }
         (tmp / ONNX_MANIFEST_FILE).write_text(json.dumps(manifest, indent=2) + "\n")
     return out_dir / ONNX_MODEL_FILE
+
+
+def _fix_output_width(onnx_path: Path, dim: int) -> None:
+    """The tracer names the output's width symbolically; make it the fixed `dim` it is, so that consumers
+    (Triton configs, TensorRT) see [batch, dim]."""
+    import onnx
+
+    model = onnx.load(str(onnx_path))
+    width = model.graph.output[0].type.tensor_type.shape.dim[1]
+    width.Clear()
+    width.dim_value = dim
+    onnx.save(model, str(onnx_path))
 
 
 def _load_onnx(onnx_path: Path):
@@ -318,7 +331,7 @@ def check_embedder_onnx(
     1. the file loads and passes onnx.checker, with the expected inputs and output;
     2. polygraphy runs it with ONNX Runtime (CPU) on the fixed batches `CHECK_BATCHES`, tokenized as
        serving tokenizes them, and compares each output to the PyTorch Embedder's vectors for the same
-       texts (`CompareFunc.simple(atol, rtol)`: |onnx - torch| <= atol + rtol * |torch| elementwise);
+       texts (`SimpleCompareFunc(atol, rtol)`: |onnx - torch| <= atol + rtol * |torch| elementwise);
        every vector must also have a cosine >= MIN_COSINE with its PyTorch twin;
     3. `polygraphy check lint` (onnx.checker + ONNX Runtime node by node) reports no error.
     Raises OnnxCheckError saying which step failed and by how much.
@@ -326,7 +339,7 @@ def check_embedder_onnx(
     import onnxruntime
     import polygraphy
     from polygraphy.backend.onnxrt import OnnxrtRunner, SessionFromOnnx
-    from polygraphy.comparator import Comparator, CompareFunc, IterationResult, RunResults
+    from polygraphy.comparator import Comparator, IterationResult, SimpleCompareFunc
     from polygraphy.logger import G_LOGGER
 
     onnx_path = Path(onnx_path)
@@ -355,7 +368,7 @@ def check_embedder_onnx(
         torch_results = [IterationResult({ONNX_OUTPUT: vectors}, runner_name="pytorch") for vectors in expected]
         results.append(("pytorch", torch_results))
         accuracy = Comparator.compare_accuracy(
-            results, compare_func=CompareFunc.simple(atol=atol, rtol=rtol, check_shapes=True)
+            results, compare_func=SimpleCompareFunc(atol=atol, rtol=rtol, check_shapes=True)
         )
     actual = [iteration[ONNX_OUTPUT] for iteration in results[0][1]]
 
