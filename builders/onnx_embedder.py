@@ -170,6 +170,20 @@ def _check_checkpoint(model_dir: Path) -> dict:
     return config
 
 
+def _check_out_dir(out_dir: Path, model_dir: Path) -> None:
+    """The export replaces `out_dir` whole: refuse a directory that holds anything but a previous export."""
+    out, model = out_dir.resolve(), model_dir.resolve()
+    if out == model or out in model.parents:
+        raise OnnxExportError(f"{out_dir} holds the checkpoint {model_dir}; export to another directory")
+    if out.exists():
+        if not out.is_dir():
+            raise OnnxExportError(f"{out_dir} exists and is not a directory")
+        if any(out.iterdir()) and not (out / ONNX_MANIFEST_FILE).is_file():
+            raise OnnxExportError(
+                f"{out_dir} is not empty and holds no previous ONNX embedder export; it would be replaced whole"
+            )
+
+
 def _sha256(path: Path) -> str:
     digest = hashlib.sha256()
     with path.open("rb") as handle:
@@ -190,6 +204,7 @@ def export_embedder_onnx(model_dir: str | Path, out_dir: str | Path) -> Path:
     if not model_dir.is_dir():
         raise OnnxExportError(f"{model_dir} is not a directory")
     _check_checkpoint(model_dir)
+    _check_out_dir(out_dir, model_dir)
     try:
         embedder = Embedder(model_dir)
     except ValueError as exc:  # e.g. pooled otherwise than by mean tokens

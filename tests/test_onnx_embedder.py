@@ -148,6 +148,19 @@ def test_export_refuses_non_bert_and_missing_dirs(tiny_mistral_dir, tmp_path):
     assert not (tmp_path / "out").exists()
 
 
+def test_export_never_replaces_other_directories(minilm_dir, tmp_path):
+    with pytest.raises(OnnxExportError, match="holds the checkpoint"):
+        export_embedder_onnx(minilm_dir, minilm_dir)
+    with pytest.raises(OnnxExportError, match="holds the checkpoint"):
+        export_embedder_onnx(minilm_dir, minilm_dir.parent)
+    (tmp_path / "work").mkdir()
+    (tmp_path / "work" / "notes.txt").write_text("keep me")
+    with pytest.raises(OnnxExportError, match="not empty"):
+        export_embedder_onnx(minilm_dir, tmp_path / "work")
+    assert (tmp_path / "work" / "notes.txt").read_text() == "keep me"
+    assert (minilm_dir / "model.safetensors").is_file()
+
+
 @pytest.mark.skipif(importlib.util.find_spec("tensorrt") is not None, reason="TensorRT is installed here")
 def test_tensorrt_plan_without_tensorrt_is_a_clear_error(exported, tmp_path):
     plan = tmp_path / "plans" / "model.plan"
@@ -217,3 +230,18 @@ def test_triton_serves_onnx_like_pytorch(exported, minilm_dir, tmp_path):
             assert http.is_model_ready("embed-onnx")  # a bad request leaves the model serving
         finally:
             http.close()
+
+
+def test_cli_export_with_check_replaces_a_previous_export(exported, minilm_dir, tmp_path, capsys):
+    from plateforme.cli import main
+
+    previous = tmp_path / "minilm-onnx"
+    shutil.copytree(exported.parent, previous)
+    old_inode = (previous / "model.onnx").stat().st_ino
+    assert main(["export-embedder", str(minilm_dir), str(previous), "--check"]) == 0
+    out = capsys.readouterr().out
+    assert "check passed: 11 texts in 4 batches (up to 256 tokens)" in out and "lowest cosine" in out
+    assert (previous / "model.onnx").stat().st_ino != old_inode
+    assert not list(tmp_path.glob(".minilm-onnx.*"))
+    assert main(["export-embedder", str(tmp_path / "nowhere"), str(tmp_path / "out")]) == 2
+    assert "is not a directory" in capsys.readouterr().err
