@@ -41,6 +41,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
+import torch
 
 from plateforme.builders.atomic import atomic_directory
 from plateforme.python_backend.embeddings import (
@@ -132,23 +133,16 @@ class OnnxCheck:
         return asdict(self)
 
 
-class _PooledEncoder:
-    """Builds the exported module lazily (torch.nn.Module subclass) so that importing this file stays cheap."""
+class PooledEncoder(torch.nn.Module):
+    """The exported module: encoder, then mean pooling over the attention mask and L2 normalisation."""
 
-    @staticmethod
-    def wrap(encoder):
-        import torch
+    def __init__(self, encoder: torch.nn.Module):
+        super().__init__()
+        self.encoder = encoder
 
-        class PooledEncoder(torch.nn.Module):
-            def __init__(self, encoder):
-                super().__init__()
-                self.encoder = encoder
-
-            def forward(self, input_ids, attention_mask):
-                hidden = self.encoder(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
-                return mean_pool_normalize(hidden, attention_mask)
-
-        return PooledEncoder(encoder).eval()
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        hidden = self.encoder(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+        return mean_pool_normalize(hidden, attention_mask)
 
 
 def _check_checkpoint(model_dir: Path) -> dict:
@@ -196,7 +190,6 @@ def export_embedder_onnx(model_dir: str | Path, out_dir: str | Path) -> Path:
     """Export the checkpoint's encoder + mean pooling + L2 normalisation to `out_dir`/model.onnx, with the
     tokenizer files and embedder.json beside it. Atomic: `out_dir` appears complete or not at all (an
     existing export there is replaced only by a complete new one). Returns the path of model.onnx."""
-    import torch
     import transformers
 
     model_dir = Path(model_dir)
@@ -207,9 +200,9 @@ def export_embedder_onnx(model_dir: str | Path, out_dir: str | Path) -> Path:
     _check_out_dir(out_dir, model_dir)
     try:
         embedder = Embedder(model_dir)
-    except ValueError as exc:  # e.g. pooled otherwise than by mean tokens
-        raise OnnxExportError(str(exc)) from None
-    module = _PooledEncoder.wrap(embedder.model)
+    except (OSError, ValueError) as exc:  # no weights, or pooled otherwise than by mean tokens
+        raise OnnxExportError(f"cannot load {model_dir}: {exc}") from None
+    module = PooledEncoder(embedder.model).eval()
     # A padded batch: the trace then goes through the masking path with real padding.
     sample = embedder.tokenize(list(CHECK_BATCHES[1][:3]), "pt")
     with atomic_directory(out_dir) as tmp:
@@ -498,7 +491,9 @@ def build_tensorrt_plan(
         dynamic batching (Triton batches requests of equal sequence length together);
       - `<name>`: `platform: "ensemble"` wiring tokenizer -> encoder, outputs `embedding` and
         `num_input_tokens`.
-    Until that is rendered and run on a GPU, a plan built here is unverified in serving.
+    The inputs stay int64 as exported (TensorRT 10 declares INT64 network inputs; 8.x parsers cast
+    int64 to int32), so the encoder config says TYPE_INT64. None of this has run here: no TensorRT and no
+    GPU were available, so the build itself, the plan's accuracy and its serving are unverified.
     """
     onnx_path = Path(onnx_path)
     out_path = Path(out_path)
