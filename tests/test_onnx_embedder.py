@@ -195,8 +195,8 @@ def test_render_onnx_runtime(exported, minilm_dir, tmp_path):
 @pytest.mark.server
 def test_triton_serves_onnx_like_pytorch(exported, minilm_dir, tmp_path):
     """A real tritonserver with the same model under both runtimes: same tensors, same vectors."""
-    from tritonclient.utils import InferenceServerException
     import tritonclient.http as httpclient
+    from tritonclient.utils import InferenceServerException
 
     from plateforme.clients import PlateformeClient
     from plateforme.server import ServerConfig, TritonServer, free_port
