@@ -324,6 +324,18 @@ def cmd_embed(args) -> int:
     return 0
 
 
+def cmd_pipeline_run(args) -> int:
+    from plateforme.ci.pipeline import run_pipeline
+
+    report = run_pipeline(args.manifest, stages=args.stages, out=args.out, cache_dir=args.cache_dir)
+    if not report.ok:
+        print(f"plateforme pipeline: FAILED: {report.failure_message()}; nothing was published", file=sys.stderr)
+        return 1
+    if report.global_results["publish"].status in ("ok", "cached"):
+        print(f"published: {report.out} (serve it: plateforme serve --model-repository {report.out / 'repository'})")
+    return 0
+
+
 def cmd_fill_template(args) -> int:
     from plateforme.builders import fill_template
 
@@ -483,6 +495,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print full vectors as JSON")
     _add_client_args(p)
     p.set_defaults(func=cmd_embed)
+
+    p = sub.add_parser("pipeline", help="CI engine-build pipeline: manifest -> engines -> trusted repository",
+                       description="Build the endpoints of a manifest into engines and a model repository.")
+    pipeline_sub = p.add_subparsers(dest="pipeline_command", metavar="SUBCOMMAND", required=True)
+    p = pipeline_sub.add_parser(
+        "run", help="run the stages convert, build, validate, smoke, publish",
+        description="Run the pipeline on a YAML manifest of endpoints: convert -> build -> validate (tokenizer, "
+                    "versions, logits parity) -> smoke (a real tritonserver) -> publish (OUT, atomically, with "
+                    "SHA256SUMS). Completed stages are cached by content; exits 1 naming the failed endpoint "
+                    "and stage.")
+    p.add_argument("manifest", type=Path, help="pipeline manifest (YAML), e.g. ci/manifests/cpu-demo.yaml")
+    p.add_argument("--stages", help="comma-separated subset of convert,build,validate,smoke,publish (default: all)")
+    p.add_argument("--out", type=Path,
+                   help="publication directory (default $PLATEFORME_HOME/published/<manifest name>)")
+    p.add_argument("--cache-dir", type=Path, help="pipeline cache (default $PLATEFORME_HOME/pipeline-cache)")
+    p.set_defaults(func=cmd_pipeline_run)
 
     p = sub.add_parser("fill-template", help="fill ${name} placeholders of a config.pbtxt template",
                        description="tensorrtllm_backend's fill_template.py convention: key:value,key:value")
