@@ -84,7 +84,7 @@ class CacheEntry:
     def lock(self) -> Iterator[None]:
         """Two pipelines building the same entry take turns."""
         self.dir.mkdir(parents=True, exist_ok=True)
-        with open(self.dir / ".lock", "w") as handle:
+        with open(self.dir / ".lock", "a") as handle:
             fcntl.flock(handle, fcntl.LOCK_EX)
             try:
                 yield

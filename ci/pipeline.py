@@ -192,7 +192,9 @@ class Pipeline:
 
     def _print(self, who: str, stage: str, result: StageResult) -> None:
         style = {OK: "green", CACHED: "cyan", SKIPPED: "dim", FAILED: "bold red"}[result.status]
-        detail = f" - {result.detail}" if result.detail else ""
+        from rich.markup import escape
+
+        detail = f" - {escape(result.detail)}" if result.detail else ""
         self.console.print(f"[{style}]{result.status:>7}[/] {who}: {stage} ({result.seconds:.1f} s){detail}",
                            highlight=False)
 
@@ -533,7 +535,7 @@ def summary_table(report: PipelineReport):
         cells = []
         for stage in STAGES:
             result = run.results.get(stage) or report.global_results.get(stage) or StageResult(SKIPPED)
-            seconds = f" {result.seconds:.1f}s" if result.status in (OK, CACHED, FAILED) else ""
+            seconds = f" {result.seconds:.1f}s" if result.status in (OK, FAILED) else ""
             cells.append(f"[{style[result.status]}]{result.status}{seconds}[/]")
         table.add_row(run.name, *cells)
     return table
