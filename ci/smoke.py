@@ -16,16 +16,39 @@ class SmokeError(RuntimeError):
     """The served repository did not answer as it must; the message names the endpoint."""
 
 
+def _server(config):
+    """A tritonserver for the repository: one process, or one MPI rank per GPU when its TensorRT-LLM
+    engines span several GPUs (the launch `plateforme repo` records in plateforme.json)."""
+    import json
+
+    from plateforme.builders.repository import launch_command
+    from plateforme.server import TritonServer
+
+    rendered = json.loads((Path(config.model_repository) / "plateforme.json").read_text())
+    if "launch" not in rendered:
+        return TritonServer(config)
+    world_size = max(e.get("world_size", 1) for e in rendered["chat"].values())
+    engine_models = [f"{name}-engine" for name, e in rendered["chat"].items() if e.get("engine") == "tensorrtllm"]
+
+    class MpiTritonServer(TritonServer):  # pragma: no cover - needs GPUs and TensorRT-LLM
+        def command(self) -> list[str]:
+            return launch_command(self.config.model_repository, world_size, engine_models,
+                                  tritonserver=str(self.install.binary), http_port=self.config.http_port,
+                                  grpc_port=self.config.grpc_port, metrics_port=self.config.metrics_port)
+
+    return MpiTritonServer(config)
+
+
 def smoke_test(repository: Path, chat: list[str], embeddings: dict[str, int], log_file: Path) -> dict[str, Any]:
     """Serve `repository` and call every endpoint: `chat` names, `embeddings` name -> expected dimension.
     Greedy decoding makes the streamed answer comparable with the unstreamed one: they must be equal."""
     from plateforme.clients.triton_client import EndpointError, GenerationParams, TritonEndpoints
-    from plateforme.server import ServerConfig, TritonServer, free_port
+    from plateforme.server import ServerConfig, free_port
 
     config = ServerConfig(repository, http_port=free_port(), grpc_port=free_port(), metrics_port=free_port(),
                           log_file=log_file)
     report: dict[str, Any] = {}
-    server = TritonServer(config)
+    server = _server(config)
     with server:
         client = TritonEndpoints(server.grpc_url)
         params = GenerationParams(max_tokens=SMOKE_MAX_TOKENS, temperature=0.0)
