@@ -91,7 +91,7 @@ class PipelineReport:
     def failures(self) -> list[tuple[str, str, str]]:
         found = [(run.name, stage, result.detail) for run in self.endpoints
                  for stage, result in run.results.items() if result.status == FAILED]
-        found += [("(all endpoints)", stage, result.detail) for stage, result in self.global_results.items()
+        found += [(None, stage, result.detail) for stage, result in self.global_results.items()
                   if result.status == FAILED]
         return found
 
@@ -105,7 +105,8 @@ class PipelineReport:
         return result.status if result else SKIPPED
 
     def failure_message(self) -> str:
-        return "; ".join(f"endpoint {name}, stage {stage}: {detail}" for name, stage, detail in self.failures)
+        return "; ".join(f"endpoint {name}, stage {stage}: {detail}" if name else f"stage {stage} (all endpoints): "
+                         f"{detail}" for name, stage, detail in self.failures)
 
 
 def parse_stages(text: str | None) -> tuple[str, ...]:
@@ -144,6 +145,8 @@ class Pipeline:
             for stage in ENDPOINT_STAGES:
                 for run in self.runs:
                     run.results[stage] = self._endpoint_stage(run, stage)
+            if any(stage in self.stages for stage in ("smoke", "publish")):
+                self._prepare_remaining()
             run_key = self._run_key()
             for stage in ("smoke", "publish"):
                 self.global_results[stage] = self._global_stage(stage, run_key)
@@ -215,6 +218,18 @@ class Pipeline:
         if run.trtllm:
             payload["tensorrt_llm"] = installed_trtllm_version()
         run.entry = cache_mod.CacheEntry(self.cache_dir, run.name, cache_mod.content_key(payload))
+
+    def _prepare_remaining(self) -> None:
+        """Keys of endpoints none of whose own stages ran (e.g. --stages publish)."""
+        stage = next(s for s in ("smoke", "publish") if s in self.stages)
+        for run in self.runs:
+            if run.entry is None and not run.failed:
+                start = time.monotonic()
+                try:
+                    self._prepare(run)
+                except Exception as exc:
+                    run.results[stage] = StageResult(FAILED, time.monotonic() - start, _message(exc))
+                    self._print(run.name, stage, run.results[stage])
 
     def _run_key(self) -> str | None:
         if any(run.entry is None or run.failed for run in self.runs):

@@ -165,6 +165,17 @@ def test_tokenizer_that_does_not_fit_the_vocabulary_fails_in_validate(tmp_path, 
     assert (out / "models" / "mistral-tiny" / "tokenizer.model.v1").is_file()
     assert not (out / "models" / "mistral-tiny" / "tokenizer.model.v3").exists()
 
+    # A cache entry altered after it was built is caught when it is published again elsewhere.
+    staged = next((cache / "entries").glob("mistral-tiny-*/hf/config.json"))
+    text = staged.read_text()
+    staged.unlink()  # a new file: the publication above keeps its own (hard-linked) copy
+    staged.write_text(text.replace('"bos_token_id": 1', '"bos_token_id": 7'))
+    code, output = run_cli(capsys, manifest, "--cache-dir", cache, "--out", tmp_path / "out2")
+    assert code == 1
+    assert "stage publish" in output and "models/mistral-tiny/config.json" in output and "cache was modified" in output
+    assert not (tmp_path / "out2").exists() and not list(tmp_path.glob(".out2.*"))
+    assert json.loads((out / "models" / "mistral-tiny" / "config.json").read_text())["bos_token_id"] == 1
+
 
 @pytest.fixture(scope="module")
 def three_expert_mixtral(tmp_path_factory):
