@@ -264,7 +264,7 @@ class Pipeline:
         weights = not (run.chat and run.trtllm)
         staged = self._stage_copy(source, entry.path("hf"), weights, run.digests)
         summary = f"{len(reports)} safetensors file(s) checked, {sum(r.tensors for r in reports)} tensors"
-        outputs = ["hf"]
+        outputs, extra = ["hf"], {}
         if run.chat and run.trtllm:
             from plateforme.builders.convert import convert_checkpoint
 
@@ -272,8 +272,14 @@ class Pipeline:
                                         mapping=mapping, progress=False)
             outputs.append("trtllm-checkpoint")
             summary += f"; TensorRT-LLM checkpoint {result.dtype}, {mapping.describe(moe=True)}"
+            # The build profile is checked against the checkpoint now, not after a long wait for the build.
+            from plateforme.builders.trtllm_build import build_engine
+
+            plan = build_engine(entry.path("trtllm-checkpoint"), entry.path("engine"), self._build_profile(run),
+                                dry_run=True)
+            extra["trtllm_build_plan"] = plan.command
         return entry.complete("convert", {"summary": summary, "staged": staged,
-                                          "safetensors": [r.__dict__ for r in reports]}, outputs)
+                                          "safetensors": [r.__dict__ for r in reports], **extra}, outputs)
 
     def _stage_copy(self, source: Path, target: Path, weights: bool, digests: dict[str, str]) -> dict[str, str]:
         """Copy the checkpoint's files into the cache and check each copy's digest against the source's."""
@@ -374,6 +380,14 @@ class Pipeline:
             summary = (f"engine log-probs within {parity['logprob_atol']} of transformers "
                        f"(max {parity['max_logprob_diff']:.3g})")
         else:
+            p = run.spec.profile
+            expected = {"dtype": run.dtype, "engine_dir": str(hf.absolute())}
+            expected.update({k: str(v) for k, v in (("max_num_tokens", p.max_num_tokens),
+                                                     ("max_seq_len", p.max_seq_len)) if v is not None})
+            report["engine"] = checks.check_rendered_engine(entry.path("repository"), run.name, expected,
+                                                            p.max_batch_size)
+            report["config"]["stored_dtypes"] = sorted({d for f in run.records["convert"]["safetensors"]
+                                                        for d in f["dtypes"]})
             parity = checks.pytorch_logits_parity(hf)
             summary = (f"logits vs transformers (float32): max |diff| {parity['max_abs_diff']:.2g} over "
                        f"{parity['positions']} positions, tolerance {parity['atol']:g} + {parity['rtol']:g}"

@@ -82,6 +82,27 @@ def check_embedding_tokenizer(model_dir: Path) -> dict[str, Any]:
     return {"vocab_size": len(tokenizer), "embedding_rows": rows}
 
 
+def check_rendered_engine(repository: Path, name: str, expected: dict[str, str], max_batch_size: int | None) -> dict:
+    """The endpoint's rendered engine model (Triton's ModelConfig protobuf) must carry the manifest's
+    settings: `expected` parameter values and max_batch_size."""
+    from google.protobuf import text_format
+    from tritonclient.grpc import model_config_pb2
+
+    path = Path(repository) / f"{name}-engine" / "config.pbtxt"
+    try:
+        config = text_format.Parse(path.read_text(), model_config_pb2.ModelConfig())
+    except (OSError, text_format.ParseError) as exc:
+        raise ValidationError(f"the rendered engine model {path} cannot be read as a Triton model config: {exc}")
+    parameters = {key: value.string_value for key, value in config.parameters.items()}
+    for key, value in expected.items():
+        if parameters.get(key) != value:
+            raise ValidationError(f"{path}: parameter {key} is {parameters.get(key)!r}, the manifest asks {value!r}")
+    if max_batch_size is not None and config.max_batch_size != max_batch_size:
+        raise ValidationError(f"{path}: max_batch_size {config.max_batch_size}, the manifest asks {max_batch_size}")
+    return {"backend": config.backend, "max_batch_size": config.max_batch_size,
+            **{key: parameters[key] for key in expected}}
+
+
 def pytorch_logits_parity(model_dir: Path) -> dict[str, Any]:
     """plateforme's PyTorch model vs HF transformers, float32, on PARITY_PROMPTS (see module doc)."""
     import torch

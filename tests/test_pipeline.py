@@ -70,6 +70,8 @@ def test_cpu_demo_pipeline_publishes_a_served_repository(demo_run):
     parity = tiny["records"]["validate"]["report"]["parity"]
     assert parity["atol"] == 1e-3 and parity["max_abs_diff"] <= 1e-3 and parity["argmax_mismatches"] == 0
     assert all(stage["status"] == "ok" for stage in tiny["stages"].values())
+    engine = tiny["records"]["validate"]["report"]["engine"]
+    assert (engine["dtype"], engine["max_batch_size"], engine["max_seq_len"]) == ("float32", 8, "2048")
     embed = json.loads((out / "manifests" / "mistral-embed.json").read_text())
     assert embed["records"]["validate"]["report"]["onnx"]["min_cosine"] > 0.9999
     smoke = json.loads(next((cache / "smoke").glob("*.json")).read_text())
@@ -190,7 +192,8 @@ def three_expert_mixtral(tmp_path_factory):
 def test_impossible_mapping_fails_with_the_reason(endpoint, bad_mapping, reason, fixed_mapping, tmp_path, capsys,
                                                   tiny_mistral_dir, three_expert_mixtral):
     source = tiny_mistral_dir if endpoint == "mistral-tiny" else three_expert_mixtral
-    spec = {"source": str(source), "engine": "tensorrt_llm", "dtype": "float32"}
+    spec = {"source": str(source), "engine": "tensorrt_llm", "dtype": "float32",
+            "profile": {"max_input_len": 128, "max_seq_len": 256, "max_num_tokens": 256}}
     manifest = write_manifest(tmp_path / "m.yaml", {endpoint: {**spec, "mapping": bad_mapping}})
     out, cache = tmp_path / "out", tmp_path / "cache"
     code, output = run_cli(capsys, manifest, "--cache-dir", cache, "--out", out)
@@ -203,6 +206,14 @@ def test_impossible_mapping_fails_with_the_reason(endpoint, bad_mapping, reason,
     assert code == 0, output
     checkpoint = next((cache / "entries").glob(f"{endpoint}-*/trtllm-checkpoint"))
     assert sorted(p.name for p in checkpoint.glob("rank*.safetensors")) == ["rank0.safetensors", "rank1.safetensors"]
+
+
+def test_build_profile_beyond_the_model_context_fails_in_convert(tmp_path, capsys, tiny_mistral_dir):
+    manifest = write_manifest(tmp_path / "m.yaml", {"mistral-tiny": {
+        "source": str(tiny_mistral_dir), "engine": "tensorrt_llm", "profile": {"max_seq_len": 8192}}})
+    code, output = run_cli(capsys, manifest, "--cache-dir", tmp_path / "cache", "--out", tmp_path / "out")
+    assert code == 1
+    assert "endpoint mistral-tiny, stage convert" in output and "exceeds the model's context of 256 tokens" in output
 
 
 def test_pytorch_engine_refuses_a_multi_gpu_mapping(tmp_path, capsys, tiny_mistral_dir):
@@ -222,8 +233,11 @@ def test_tensorrt_llm_build_without_tensorrt_llm_fails_clearly(tmp_path, capsys,
     assert code == 1
     assert "endpoint mistral-tiny, stage build" in output
     assert "TensorRT-LLM is not installed" in output
-    # Conversion did its part; nothing was built or published.
+    # Conversion did its part, and planned the exact trtllm-build command; nothing was built or published.
     assert list((cache / "entries").glob("mistral-tiny-*/trtllm-checkpoint/rank0.safetensors"))
+    convert = json.loads(next((cache / "entries").glob("mistral-tiny-*/stages/convert.json")).read_text())
+    plan = convert["trtllm_build_plan"]
+    assert plan[0] == "trtllm-build" and plan[plan.index("--max_seq_len") + 1] == "256"
     assert not list((cache / "entries").glob("mistral-tiny-*/engine")) and not out.exists()
 
 
