@@ -1,0 +1,1 @@
+"""The CI engine-build pipeline behind `plateforme pipeline run` (pipeline.py)."""

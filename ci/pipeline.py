@@ -212,7 +212,8 @@ class Pipeline:
             "plateforme": cache_mod.plateforme_version(),
             "endpoint": run.name,
             "task": run.task,
-            "spec": run.spec.model_dump(mode="json"),
+            # Where the source lives is not part of the key: its files' digests are.
+            "spec": run.spec.model_dump(mode="json", exclude={"source"}),
             "source": run.digests,
         }
         if run.trtllm:
