@@ -126,7 +126,19 @@ def _damage_header(path: Path) -> str:
     return "not valid JSON"
 
 
-@pytest.mark.parametrize("damage", [_truncate, _damage_header])
+def _poison_weights(path: Path) -> str:
+    """NaNs in the middle of a float32 tensor: the header stays valid, the bytes do not."""
+    data = bytearray(path.read_bytes())
+    (length,) = struct.unpack("<Q", data[:8])
+    header = json.loads(data[8:8 + length])
+    start, end = header["model.layers.1.mlp.down_proj.weight"]["data_offsets"]
+    middle = 8 + length + (start + end) // 2 // 4 * 4
+    data[middle:middle + 16] = struct.pack("<4f", *[float("nan")] * 4)
+    path.write_bytes(bytes(data))
+    return "NaN or infinite"
+
+
+@pytest.mark.parametrize("damage", [_truncate, _damage_header, _poison_weights])
 def test_damaged_safetensors_fails_in_convert_and_publishes_nothing(damage, tmp_path, tiny_source,
                                                                     tiny_mistral_dir, capsys):
     manifest = write_manifest(tmp_path / "m.yaml", {"mistral-tiny": {"source": str(tiny_source), "dtype": "float32"}})
