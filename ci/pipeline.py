@@ -303,7 +303,14 @@ class Pipeline:
     def _build(self, run: EndpointRun) -> dict:
         entry = run.entry
         if not run.chat:
-            from plateforme.builders.onnx_embedder import build_tensorrt_plan, export_embedder_onnx
+            try:
+                import onnx  # noqa: F401
+                import polygraphy  # noqa: F401
+
+                from plateforme.builders.onnx_embedder import build_tensorrt_plan, export_embedder_onnx
+            except ImportError as exc:
+                raise StageError(f"embedding endpoints are exported to ONNX, which needs the onnx extra "
+                                 f"(pip install 'plateforme[onnx]'): {exc}") from None
 
             onnx_path = export_embedder_onnx(entry.path("hf"), entry.path("onnx"))
             outputs, summary = ["onnx"], f"ONNX embedder exported ({onnx_path.stat().st_size / 1e6:.0f} MB)"
