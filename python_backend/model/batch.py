@@ -110,25 +110,34 @@ class BatchPlan:
         decode = [i for i, s in enumerate(segments) if s.n_tokens == 1 and s.start_pos > 0]
         self.decode = decode
         if decode:
+            # Advanced indexing (x[idx], x[idx] = y) goes through TensorIterator and its thread pool:
+            # with every core busy, each such op waits for a scheduler slice (~ms). index_select and
+            # index_copy_ on flattened views do the same work serially, so all of them are used here.
             slots = [segments[i].slot for i in decode]
             query_pos = torch.tensor([segments[i].start_pos for i in decode], device=device)
             self.decode_rows = torch.tensor([offsets[i] for i in decode], device=device)
             self.decode_slots = torch.tensor(slots, device=device)
-            self.decode_write_index = query_pos % capacity
+            write_index = query_pos % capacity
             self.slot_range = max(slots) + 1
             self.decode_len = min(capacity, int(query_pos.max()) + 1)
+            # Rows of a layer's key (or value) cache viewed as [n_slots * n_kv_heads * capacity, head_dim]
+            # where each decode token's heads go: (slot, head, write_index) -> one flat row each.
+            n_kv = cache.kv.shape[3]
+            heads = torch.arange(n_kv, device=device)
+            self.decode_kv_rows = ((self.decode_slots[:, None] * n_kv + heads) * capacity
+                                   + write_index[:, None]).reshape(-1)
             # Record the new positions first: each decode query also attends to its own key.
-            cache.positions[self.decode_slots, self.decode_write_index] = query_pos
+            cache.positions.view(-1).index_copy_(0, self.decode_slots * capacity + write_index, query_pos)
             keys = cache.positions[: self.slot_range, : self.decode_len]
             q = torch.zeros(self.slot_range, dtype=torch.long, device=device)
-            q[self.decode_slots] = query_pos
+            q.index_copy_(0, self.decode_slots, query_pos)
             mask = (keys >= 0) & (keys <= q[:, None])
             if window:
                 mask &= keys > q[:, None] - window
             # Slots without a decode token this step get a harmless query; their output is dropped.
             idle = torch.ones(self.slot_range, dtype=torch.bool, device=device)
-            idle[self.decode_slots] = False
-            mask[idle, 0] = True
+            idle.index_fill_(0, self.decode_slots, False)
+            mask[:, 0] |= idle
             self.decode_mask = mask[:, None, None, :]
             cache.ensure_initialized(self.slot_range, self.decode_len)
             for i in decode:
@@ -153,7 +162,7 @@ class BatchPlan:
             keep = min(seg.n_tokens, capacity)
             kept_pos = torch.arange(seg.start_pos + seg.n_tokens - keep, seg.start_pos + seg.n_tokens, device=device)
             self.prefill.append((i, cached, mask, seg.n_tokens - keep, kept_pos % capacity))
-            cache.positions[seg.slot, kept_pos % capacity] = kept_pos
+            cache.positions[seg.slot].index_copy_(0, kept_pos % capacity, kept_pos)
             cache.lengths[seg.slot] = seg.start_pos + seg.n_tokens
 
 
@@ -162,17 +171,19 @@ def batched_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: B
     cache = plan.cache
     out = torch.empty_like(q)
     if plan.decode:
-        rows, slots, index = plan.decode_rows, plan.decode_slots, plan.decode_write_index
-        cache.kv[layer, 0, slots, :, index] = k[rows]
-        cache.kv[layer, 1, slots, :, index] = v[rows]
+        rows, slots = plan.decode_rows, plan.decode_slots
+        head_dim = k.shape[-1]
+        for kind, new in ((0, k), (1, v)):
+            cache.kv[layer, kind].view(-1, head_dim).index_copy_(
+                0, plan.decode_kv_rows, new.index_select(0, rows).reshape(-1, head_dim))
         keys = cache.kv[layer, 0, : plan.slot_range, :, : plan.decode_len]
         values = cache.kv[layer, 1, : plan.slot_range, :, : plan.decode_len]
         queries = q.new_zeros(plan.slot_range, q.shape[1], 1, q.shape[2])
-        queries[slots, :, 0] = q[rows]
+        queries.index_copy_(0, slots, q.index_select(0, rows)[:, :, None])
         attended = torch.nn.functional.scaled_dot_product_attention(
             queries, keys, values, attn_mask=plan.decode_mask, enable_gqa=True
         )
-        out[rows] = attended[slots, :, 0]
+        out.index_copy_(0, rows, attended.index_select(0, slots)[:, :, 0])
     for index, cached, mask, first_kept, write_index in plan.prefill:
         seg, start = plan.segments[index], plan.offsets[index]
         rows = slice(start, start + seg.n_tokens)
@@ -183,6 +194,6 @@ def batched_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: B
             q[rows].transpose(0, 1)[None], keys[None], values[None], attn_mask=mask, enable_gqa=True
         )
         out[rows] = attended[0].transpose(0, 1)
-        cache.kv[layer, 0, seg.slot, :, write_index] = new_k[:, first_kept:]
-        cache.kv[layer, 1, seg.slot, :, write_index] = new_v[:, first_kept:]
+        cache.kv[layer, 0, seg.slot].index_copy_(1, write_index, new_k[:, first_kept:])
+        cache.kv[layer, 1, seg.slot].index_copy_(1, write_index, new_v[:, first_kept:])
     return out

@@ -128,4 +128,5 @@ def load_model(
     model.load_state_dict(state, strict=not args.tie_embeddings, assign=True)
     if args.tie_embeddings:
         model.output.weight = model.tok_embeddings.weight
+    model.fuse_projections()
     return model.eval().requires_grad_(False)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import queue
 import threading
+import time
 import traceback
 import uuid
 from dataclasses import dataclass, field
@@ -28,6 +29,11 @@ FINAL = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
 # Every sequence gets a whole KV cache slot before it starts, so no policy ever evicts: both of
 # tensorrtllm's policies are accepted and behave as guaranteed_no_evict.
 SCHEDULER_POLICIES = ("guaranteed_no_evict", "max_utilization")
+# Asking Triton whether a client went away is an IPC round trip per request, so it is not done
+# every step (at 16 streams: 16 round trips a step, plus one per response sent). Streams cancelled
+# through the ensemble are stopped at once by a `stop` request; direct clients' disconnections are
+# noticed within this delay.
+DISCONNECT_POLL_S = 0.05
 
 
 class EngineMetrics:
@@ -50,11 +56,16 @@ class EngineMetrics:
         self.kv_usage = family("plateforme_engine_kv_cache_usage_ratio",
                                "Fraction of KV cache entries holding a live key", gauge)
 
+        self._last: dict[str, float] = {}
+
     def update(self, engine: Engine, generated: int) -> None:
         stats = engine.stats()
-        self.active.set(stats.running)
-        self.queued.set(stats.queued)
-        self.kv_usage.set(stats.kv_cache_used / stats.kv_cache_capacity)
+        # Each update is an IPC round trip to the server: only values that changed are sent.
+        for name, value in (("active", stats.running), ("queued", stats.queued),
+                            ("kv_usage", stats.kv_cache_used / stats.kv_cache_capacity)):
+            if self._last.get(name) != value:
+                getattr(self, name).set(value)
+                self._last[name] = value
         if generated:
             self.generated.increment(generated)
 
@@ -70,6 +81,7 @@ class _Request:
     exclude_input: bool
     sent: list[int] = field(default_factory=list)  # generated tokens already returned
     log_probs: list[float] = field(default_factory=list)
+    disconnected: bool = False  # the client cancelled it (as last polled)
 
 
 @dataclass
@@ -103,6 +115,7 @@ class TritonPythonModel:
         self._guides = None  # built on the first guided request: xgrammar's tables take a moment
         self.inbox: queue.Queue = queue.Queue()
         self.active: dict[str, _Request] = {}
+        self._last_disconnect_poll = 0.0
         self.running = True
         self.worker = threading.Thread(target=self._loop, name="engine", daemon=True)
         self.worker.start()
@@ -222,8 +235,13 @@ class TritonPythonModel:
             self.active[item.key] = item
 
     def _cancel_disconnected(self) -> None:
+        now = time.monotonic()
+        if now - self._last_disconnect_poll < DISCONNECT_POLL_S:
+            return
+        self._last_disconnect_poll = now
         for request in self.active.values():
-            if request.sender.is_cancelled():
+            if not request.disconnected and request.sender.is_cancelled():
+                request.disconnected = True
                 self.engine.cancel(request.key)
 
     def _fail_all(self, exc: Exception) -> None:
@@ -252,7 +270,7 @@ class TritonPythonModel:
             request.log_probs.extend(output.log_probs)
         if output.finished:
             del self.active[output.request_id]
-        if request.sender.is_cancelled():
+        if request.disconnected:
             if output.finished:
                 request.sender.send(flags=FINAL)
             return
