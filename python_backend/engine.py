@@ -5,6 +5,8 @@ cancelled and expired requests leave; queued requests join while KV cache slots 
 ONE forward pass runs every running sequence's next token together with prefill chunks of newly
 joined ones, under a budget of `max_num_tokens` tokens per step (chunked prefill, so a long
 prompt never stalls the decoding of the others). Each request keeps its own sampling state.
+A request may ask for several sequences (num_return_sequences): its prompt is prefilled once, then
+its KV cache entries are copied into the other sequences' slots and each samples on its own.
 The engine is not thread-safe: callers serialise ``add_request``, ``cancel`` and ``step``.
 """
 from __future__ import annotations
@@ -61,6 +63,8 @@ class StepOutput:
     generated_len: int
     # Why the request failed (finish_reason "error"): EngineBusy (retry later) or ValueError.
     error: Exception | None = None
+    # Which of the request's sequences this is (0 .. num_sequences - 1).
+    sequence_index: int = 0
 
 
 @dataclass
@@ -71,7 +75,7 @@ class EngineStats:
     kv_cache_capacity: int
 
 
-@dataclass
+@dataclass(eq=False)  # one object per sequence: compared by identity
 class _Sequence:
     request_id: str
     prompt: list[int]
@@ -89,6 +93,13 @@ class _Sequence:
     # Tokens sampled so far, end_id included.
     generated: int = 0
     cancelled: bool = False
+    index: int = 0  # sequence_index within its request
+    # The request's other sequences: they get slots with this one and start from its prefilled prompt.
+    forks: list[_Sequence] = field(default_factory=list)
+
+    @property
+    def key(self) -> tuple[str, int]:
+        return self.request_id, self.index
 
 
 class Engine:
@@ -125,7 +136,9 @@ class Engine:
         self.max_queue_size = max_queue_size
         self.queue_timeout_s = queue_timeout_s
         self.cache = self.model.new_slot_cache(max_batch_size, max_seq_len)
-        self._sequences: dict[str, _Sequence] = {}
+        self._sequences: dict[tuple[str, int], _Sequence] = {}
+        self._requests: dict[str, list[_Sequence]] = {}  # live sequences of each request
+        self._fork_outputs: list[StepOutput] = []  # forks finished with their head outside a step's flow
         self._waiting: deque[_Sequence] = deque()
         self._running: list[_Sequence] = []
 
@@ -138,10 +151,21 @@ class Engine:
         """Most tokens, prompt and generated together, of one sequence."""
         return self._max_seq_len
 
-    def add_request(self, request_id: str, prompt_ids: list[int], params: SamplingParams) -> None:
-        """Queue a request; it joins the running batch at the next step with a free slot."""
-        if request_id in self._sequences:
+    def add_request(self, request_id: str, prompt_ids: list[int], params: SamplingParams,
+                    num_sequences: int = 1) -> None:
+        """Queue a request; it joins the running batch at the next step with free slots (one per sequence).
+
+        With ``num_sequences`` > 1 the outputs of sequence i carry ``sequence_index`` i; sequence i > 0
+        samples with seed ``params.seed + i`` when a seed is given."""
+        if request_id in self._requests:
             raise ValueError(f"request {request_id!r} is already running")
+        if type(num_sequences) is not int or not 1 <= num_sequences <= self.cache.n_slots:
+            raise ValueError(
+                f"num_return_sequences must be an integer in 1..{self.cache.n_slots} (max_batch_size), "
+                f"got {num_sequences!r}"
+            )
+        if num_sequences > 1 and params.guide is not None:
+            raise ValueError("num_return_sequences > 1 cannot be combined with guided decoding")
         if not prompt_ids:
             raise ValueError("prompt is empty")
         for token in prompt_ids:
@@ -157,16 +181,25 @@ class Engine:
         if self.max_queue_size and len(self._waiting) >= self.max_queue_size:
             raise EngineBusy(f"the engine is busy: {len(self._waiting)} requests are already queued")
         prompt = list(prompt_ids)
-        seq = _Sequence(request_id, prompt, params, Sampler(params, self.vocab_size, prompt), time.monotonic())
-        self._sequences[request_id] = seq
-        self._waiting.append(seq)
+        arrival = time.monotonic()
+        sequences = []
+        for index in range(num_sequences):
+            seed = None if params.seed is None or index == 0 else (params.seed + index) % 2**64
+            sampler = Sampler(params, self.vocab_size, prompt, seed=seed)
+            sequences.append(_Sequence(request_id, prompt, params, sampler, arrival, index=index))
+        head = sequences[0]
+        head.forks = sequences[1:]
+        for seq in sequences:
+            self._sequences[seq.key] = seq
+        self._requests[request_id] = sequences
+        self._waiting.append(head)
 
     def cancel(self, request_id: str) -> None:
         """Finish the request at the next step with reason "cancelled", freeing its slot.
 
         Unknown ids (e.g. of requests that finished meanwhile) are ignored."""
-        if request_id in self._sequences:
-            self._sequences[request_id].cancelled = True
+        for seq in self._requests.get(request_id, ()):
+            seq.cancelled = True
 
     def has_work(self) -> bool:
         return bool(self._sequences)
@@ -184,12 +217,17 @@ class Engine:
         outputs = self._retire_waiting()
         for seq in [s for s in self._running if s.cancelled]:
             outputs.append(self._finish(seq, "cancelled", len(seq.tokens)))
-        while self._waiting and self.cache.free_slots:
+        # First come, first served: a request needing several slots holds back those behind it.
+        while self._waiting and self.cache.free_slots > len(self._waiting[0].forks):
             seq = self._waiting.popleft()
             seq.slot = self.cache.allocate()
+            for fork in seq.forks:
+                fork.slot = self.cache.allocate()
             self._running.append(seq)
         if self._running:
             outputs.extend(self._forward())
+        outputs.extend(self._fork_outputs)
+        self._fork_outputs = []
         return outputs
 
     def _retire_waiting(self) -> list[StepOutput]:
@@ -199,11 +237,10 @@ class Engine:
             if seq.cancelled:
                 outputs.append(self._finish(seq, "cancelled", 0))
             elif self.queue_timeout_s and now - seq.arrival > self.queue_timeout_s:
-                out = self._finish(seq, "error", 0)
-                out.error = EngineBusy(
+                busy = EngineBusy(
                     f"the request waited {now - seq.arrival:.1f} s for a free slot (limit {self.queue_timeout_s} s)"
                 )
-                outputs.append(out)
+                outputs.append(self._finish(seq, "error", 0, busy))
         return outputs
 
     @torch.inference_mode()
@@ -233,13 +270,21 @@ class Engine:
         outputs = []
         for row, seq in enumerate(owners):
             if seq.prefilled == len(seq.prompt):  # a decode step, or the prompt's last chunk
-                try:
-                    outputs.append(self._advance(seq, logits[row]))
-                except ValueError as exc:  # e.g. a grammar that no allowed token can continue
-                    out = self._finish(seq, "error", len(seq.tokens))
-                    out.error = exc
-                    outputs.append(out)
+                for member in [seq, *self._start_forks(seq)]:
+                    try:
+                        outputs.append(self._advance(member, logits[row]))
+                    except ValueError as exc:  # e.g. a grammar that no allowed token can continue
+                        outputs.append(self._finish(member, "error", len(member.tokens), exc))
         return outputs
+
+    def _start_forks(self, head: _Sequence) -> list[_Sequence]:
+        """The head's prompt is prefilled: its other sequences start from a copy of its KV cache."""
+        forks, head.forks = head.forks, []
+        for fork in forks:
+            self.cache.copy_slot(head.slot, fork.slot)
+            fork.prefilled = len(fork.prompt)
+            self._running.append(fork)
+        return forks
 
     def _advance(self, seq: _Sequence, logits: torch.Tensor) -> StepOutput:
         token, log_prob = seq.sampler(logits, seq.tokens)
@@ -262,16 +307,25 @@ class Engine:
         # Hold back a tail that may still become a stop word.
         return self._release(seq, len(seq.tokens) - _stop_prefix_len(seq.tokens, params.stop_words))
 
-    def _finish(self, seq: _Sequence, reason: FinishReason, upto: int) -> StepOutput:
+    def _finish(self, seq: _Sequence, reason: FinishReason, upto: int, error: Exception | None = None) -> StepOutput:
         out = self._release(seq, upto)
-        out.finished, out.finish_reason = True, reason
-        del self._sequences[seq.request_id]
-        if seq.slot is not None:
+        out.finished, out.finish_reason, out.error = True, reason, error
+        del self._sequences[seq.key]
+        siblings = self._requests[seq.request_id]
+        siblings.remove(seq)
+        if not siblings:
+            del self._requests[seq.request_id]
+        if seq in self._running:
             self._running.remove(seq)
+        elif seq.index == 0 and seq.slot is None:
+            self._waiting.remove(seq)
+        if seq.slot is not None:
             self.cache.release(seq.slot)
             seq.slot = None
-        else:
-            self._waiting.remove(seq)
+        # Sequences that never started end with the one whose prompt they were waiting for.
+        forks, seq.forks = seq.forks, []
+        for fork in forks:
+            self._fork_outputs.append(self._finish(fork, reason, 0, error))
         return out
 
     def _release(self, seq: _Sequence, upto: int) -> StepOutput:
@@ -285,6 +339,7 @@ class Engine:
             finish_reason=None,
             prompt_len=len(seq.prompt),
             generated_len=seq.generated,
+            sequence_index=seq.index,
         )
 
 

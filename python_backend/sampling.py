@@ -117,9 +117,11 @@ class Sampler:
     under the distribution it was drawn from (greedy: the softmax of the processed logits).
     """
 
-    def __init__(self, params: SamplingParams, vocab_size: int, prompt_ids: Sequence[int]):
+    def __init__(self, params: SamplingParams, vocab_size: int, prompt_ids: Sequence[int], seed: int | None = None):
+        """``seed`` overrides ``params.seed`` (several sequences of one request each draw their own)."""
         self.params = params
-        seed = params.seed if params.seed is not None else secrets.randbits(64)
+        if seed is None:
+            seed = params.seed if params.seed is not None else secrets.randbits(64)
         self.generator = torch.Generator().manual_seed(seed)
         self.counts: torch.Tensor | None = None
         if params.repetition_penalty != 1 or params.presence_penalty or params.frequency_penalty:

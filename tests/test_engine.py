@@ -284,6 +284,93 @@ def test_interleaved_requests_keep_their_own_state(mistral, mixtral, reference):
     assert [t for s in outputs["z"] for t in s.token_ids] == expected[:2]
 
 
+# --- several sequences per request (num_return_sequences) ------------------------------------------
+
+
+def run_sequences(engine: Engine, requests: dict[str, tuple[list[int], SamplingParams, int]]):
+    """Add requests of several sequences each, step until done: {(request_id, sequence_index): outputs}."""
+    for request_id, (ids, params, n) in requests.items():
+        engine.add_request(request_id, ids, params, num_sequences=n)
+    outputs: dict[tuple[str, int], list[StepOutput]] = {}
+    while engine.has_work():
+        for out in engine.step():
+            outputs.setdefault((out.request_id, out.sequence_index), []).append(out)
+    for steps in outputs.values():
+        assert [s.finished for s in steps] == [False] * (len(steps) - 1) + [True]
+    return outputs
+
+
+def tokens_of(steps: list[StepOutput]) -> list[int]:
+    return [t for s in steps for t in s.token_ids]
+
+
+def test_greedy_sequences_of_one_request_are_all_the_greedy_answer(mistral, reference):
+    ids, expected = reference
+    outputs = run_sequences(mistral, {"n": (ids, SamplingParams(max_tokens=10), 3)})
+    assert sorted(outputs) == [("n", 0), ("n", 1), ("n", 2)]
+    for steps in outputs.values():
+        assert tokens_of(steps) == expected[:10] and steps[-1].finish_reason == "length"
+    assert mistral.cache.free_slots == mistral.cache.n_slots
+
+
+def test_sampled_sequences_match_separate_requests_seeded_in_turn(mixtral):
+    ids = prompt(20, seed=5)
+    params = dict(max_tokens=12, temperature=1.0, top_k=50)
+    together = run_sequences(mixtral, {"n": (ids, SamplingParams(seed=7, **params), 3)})
+    apart = run(mixtral, {f"s{i}": (ids, SamplingParams(seed=7 + i, **params)) for i in range(3)})
+    answers = [tokens_of(together[("n", i)]) for i in range(3)]
+    assert answers == [tokens_of(apart[f"s{i}"]) for i in range(3)]
+    assert len(set(map(tuple, answers))) > 1  # the sequences did sample differently
+
+
+def test_the_prompt_is_prefilled_once_for_all_sequences(mistral, monkeypatch):
+    ids = prompt(17, seed=8)
+    forwarded = []
+    forward_batch = mistral.model.forward_batch
+
+    def counting(tokens, segments, cache):
+        forwarded.append(tokens.shape[0])
+        return forward_batch(tokens, segments, cache)
+
+    monkeypatch.setattr(mistral.model, "forward_batch", counting)
+    outputs = run_sequences(mistral, {"n": (ids, SamplingParams(max_tokens=3), 4)})
+    assert forwarded == [17, 4, 4]  # the prompt once, then one decode token per sequence
+    assert {k: len(tokens_of(v)) for k, v in outputs.items()} == {("n", i): 3 for i in range(4)}
+
+
+def test_cancelling_a_request_ends_all_its_sequences(mistral):
+    ids = prompt(30, seed=9)
+    budget, mistral.max_num_tokens = mistral.max_num_tokens, 8
+    try:
+        mistral.add_request("c", ids, SamplingParams(max_tokens=5), num_sequences=3)
+        assert mistral.step() == []  # the first prefill chunk: the other two sequences wait for it
+        mistral.cancel("c")
+        outputs = mistral.step()
+    finally:
+        mistral.max_num_tokens = budget
+    assert sorted((o.sequence_index, o.finish_reason, o.token_ids) for o in outputs) == [
+        (i, "cancelled", []) for i in range(3)]
+    assert not mistral.has_work() and mistral.cache.free_slots == mistral.cache.n_slots
+
+
+def test_a_request_waits_until_all_its_sequences_have_slots(tiny_mistral_dir):
+    engine = Engine(tiny_mistral_dir, dtype="float32", max_batch_size=3)
+    engine.add_request("one", prompt(5), SamplingParams(max_tokens=4))
+    engine.add_request("three", prompt(6, seed=1), SamplingParams(max_tokens=2), num_sequences=3)
+    engine.step()
+    assert engine.stats().running == 1 and engine.stats().queued == 1
+    outputs = {}
+    while engine.has_work():
+        for out in engine.step():
+            outputs.setdefault((out.request_id, out.sequence_index), []).append(out)
+    assert sorted(outputs) == [("one", 0), ("three", 0), ("three", 1), ("three", 2)]
+    with pytest.raises(ValueError, match=r"num_return_sequences must be an integer in 1\.\.3"):
+        engine.add_request("four", prompt(5), SamplingParams(max_tokens=1), num_sequences=4)
+    with pytest.raises(ValueError, match="num_return_sequences must be"):
+        engine.add_request("zero", prompt(5), SamplingParams(max_tokens=1), num_sequences=0)
+    assert not engine.has_work()
+
+
 @pytest.mark.parametrize(
     "ids, params, message",
     [

@@ -1,4 +1,5 @@
-"""In-flight batching through the real server: no cross-talk, sliding window, cancellation, metrics."""
+"""In-flight batching through the real server: no cross-talk, sliding window, cancellation, metrics,
+several sequences per request."""
 from __future__ import annotations
 
 import queue
@@ -11,6 +12,7 @@ import pytest
 import torch
 import tritonclient.grpc as grpcclient
 
+from plateforme.clients.triton_client import EndpointError
 from plateforme.python_backend.tokenization import load_tokenizer
 from triton_helpers import grpc_stream, ints, metric, strings, text_of
 
@@ -190,3 +192,52 @@ def test_invalid_guides_are_client_errors(server, guide_type, guide):
               "guided_decoding_guide": strings(guide)}
     with pytest.raises(EndpointError, match="(?i)guide|schema|regex|type"):
         grpc_stream(server, "mistral-tiny", inputs)
+
+
+def _by_sequence(responses, output):
+    """Per sequence_index, the given output of each response, in order."""
+    sequences: dict[int, list] = {}
+    for response in responses:
+        sequences.setdefault(int(response["sequence_index"].reshape(-1)[0]), []).append(response[output])
+    return sequences
+
+
+def test_num_return_sequences_through_the_engine_model(server):
+    ids = list(range(5, 25))
+    base = {"input_ids": np.array([ids], dtype=np.int32), "input_lengths": ints(len(ids)),
+            "request_output_len": ints(6), "end_id": ints(-1)}
+    greedy = grpc_stream(server, "mistral-tiny-engine", base)[-1]["output_ids"].reshape(-1).tolist()
+    answers = _by_sequence(grpc_stream(server, "mistral-tiny-engine", {**base, "num_return_sequences": ints(3)}),
+                           "output_ids")
+    assert sorted(answers) == [0, 1, 2]
+    assert all(len(a) == 1 and a[0].reshape(-1).tolist() == greedy for a in answers.values())
+
+    sampled = {**base, "num_return_sequences": ints(3), "temperature": np.array([[1.0]], dtype=np.float32),
+               "runtime_top_k": ints(50), "seed": np.array([[11]], dtype=np.uint64),
+               "streaming": np.array([[True]])}
+    streamed = _by_sequence(grpc_stream(server, "mistral-tiny-engine", sampled), "output_ids")
+    tokens = {i: [t for chunk in chunks for t in chunk.reshape(-1).tolist()] for i, chunks in streamed.items()}
+    assert sorted(tokens) == [0, 1, 2] and all(len(t) == 6 for t in tokens.values())
+    assert len({tuple(t) for t in tokens.values()}) > 1  # each sequence sampled on its own
+
+
+@pytest.mark.parametrize("bad, message", [(0, "num_return_sequences must be >= 1"),
+                                          (17, r"num_return_sequences must be an integer in 1\.\.16")])
+def test_bad_num_return_sequences_is_refused(server, bad, message):
+    inputs = {"input_ids": np.array([[5, 6, 7]], dtype=np.int32), "input_lengths": ints(3),
+              "request_output_len": ints(2), "num_return_sequences": ints(bad)}
+    with pytest.raises(EndpointError, match=message):
+        grpc_stream(server, "mistral-tiny-engine", inputs)
+
+
+def test_num_return_sequences_through_the_bls(server):
+    inputs = {"text_input": strings(" ".join(WORDS)), "max_tokens": ints(8), "end_id": ints(-1),
+              "num_return_sequences": ints(2), "temperature": np.array([[1.0]], dtype=np.float32),
+              "top_k": ints(50), "seed": np.array([[5]], dtype=np.uint64)}
+    whole = _by_sequence(grpc_stream(server, "mistral-tiny-bls", inputs), "text_output")
+    streamed = _by_sequence(grpc_stream(server, "mistral-tiny-bls", {**inputs, "stream": np.array([[True]])}),
+                            "text_output")
+    assert sorted(whole) == sorted(streamed) == [0, 1]
+    texts = {i: whole[i][0].reshape(-1)[0].decode() for i in whole}
+    assert {i: "".join(c.reshape(-1)[0].decode() for c in chunks) for i, chunks in streamed.items()} == texts
+    assert texts[0] != texts[1] and all(texts.values())

@@ -70,6 +70,14 @@ class SlotKVCache:
                 self.kv[:, :, slot, :, start:length].zero_()
                 self.initialized[slot] = length
 
+    def copy_slot(self, source: int, target: int) -> None:
+        """Make ``target`` hold the same positions, keys and values as ``source`` (a forked sequence)."""
+        written = min(self.lengths[source], self.capacity)
+        self.kv[:, :, target, :, :written].copy_(self.kv[:, :, source, :, :written])
+        self.positions[target].copy_(self.positions[source])
+        self.lengths[target] = self.lengths[source]
+        self.initialized[target] = max(self.initialized[target], written)
+
     def release(self, slot: int) -> None:
         self.positions[slot].fill_(-1)
         self.lengths[slot] = 0

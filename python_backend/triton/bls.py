@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import threading
 
+import numpy as np
 import triton_python_backend_utils as pb_utils
 
 from plateforme.python_backend.detokenization import IncrementalDetokenizer
@@ -33,7 +34,7 @@ ENGINE_INPUTS = {
     "repetition_penalty": "repetition_penalty", "presence_penalty": "presence_penalty",
     "frequency_penalty": "frequency_penalty", "min_tokens": "min_tokens", "seed": "seed",
     "return_log_probs": "return_log_probs", "exclude_input_in_output": "exclude_input_in_output",
-    "beam_width": "beam_width", "stream": "streaming",
+    "beam_width": "beam_width", "num_return_sequences": "num_return_sequences", "stream": "streaming",
     "guided_decoding_guide_type": "guided_decoding_guide_type", "guided_decoding_guide": "guided_decoding_guide",
 }
 PASSED_THROUGH = ("cum_log_probs", "output_log_probs", "num_input_tokens", "num_output_tokens", "finish_reason")
@@ -79,8 +80,9 @@ class TritonPythonModel:
         responses = pb_utils.InferenceRequest(
             model_name=self.engine, inputs=engine_inputs, requested_output_names=[]
         ).exec(decoupled=True)
-        detokenizer = IncrementalDetokenizer(self.tokenizer)
-        last = None
+        # One detokenizer and last response per sequence (num_return_sequences), by sequence_index.
+        detokenizers: dict[int, IncrementalDetokenizer] = {}
+        lasts: dict[int, object] = {}
         for response in responses:
             if sender.is_cancelled():
                 cancel = getattr(responses, "cancel", None)
@@ -94,16 +96,19 @@ class TritonPythonModel:
                 continue
             lengths = pb_utils.get_output_tensor_by_name(response, "sequence_length").as_numpy()
             tokens = ids.as_numpy()[0, 0, : int(lengths[0, 0])].tolist()
+            index = _sequence_index(response)
+            detokenizer = detokenizers.setdefault(index, IncrementalDetokenizer(self.tokenizer))
             text = detokenizer.push(tokens)
-            last = response
+            lasts[index] = response
             if streaming:
-                sender.send(_response(text, response))
-        if last is None:
-            sender.send(flags=FINAL)
-        elif streaming:
+                sender.send(_response(text, response, index))
+        if streaming or not lasts:
             sender.send(flags=FINAL)
         else:
-            sender.send(_response(detokenizer.text, last), flags=FINAL)
+            indices = sorted(lasts)
+            for index in indices:
+                flags = FINAL if index == indices[-1] else 0
+                sender.send(_response(detokenizers[index].text, lasts[index], index), flags=flags)
 
     def _call(self, model_name, inputs):
         response = pb_utils.InferenceRequest(
@@ -129,8 +134,15 @@ def _inputs(request, mapping: dict[str, str]) -> list:
     return tensors
 
 
-def _response(text: str, engine_response):
-    outputs = [t.string_tensor("text_output", [[text.encode("utf-8")]])]
+def _sequence_index(engine_response) -> int:
+    """Which sequence of the request a response belongs to (0 from engines that do not say)."""
+    tensor = pb_utils.get_output_tensor_by_name(engine_response, "sequence_index")
+    return 0 if tensor is None else int(tensor.as_numpy().reshape(-1)[0])
+
+
+def _response(text: str, engine_response, index: int):
+    outputs = [t.string_tensor("text_output", [[text.encode("utf-8")]]),
+               pb_utils.Tensor("sequence_index", np.array([[index]], dtype=np.int32))]
     for name in PASSED_THROUGH:
         tensor = pb_utils.get_output_tensor_by_name(engine_response, name)
         if tensor is not None:

@@ -71,6 +71,14 @@ class EngineMetrics:
 
 
 @dataclass
+class _Returned:
+    """What one sequence of a request returned so far."""
+
+    sent: list[int] = field(default_factory=list)  # generated tokens
+    log_probs: list[float] = field(default_factory=list)
+
+
+@dataclass
 class _Request:
     key: str
     client_id: str
@@ -79,8 +87,9 @@ class _Request:
     params: SamplingParams
     streaming: bool
     exclude_input: bool
-    sent: list[int] = field(default_factory=list)  # generated tokens already returned
-    log_probs: list[float] = field(default_factory=list)
+    num_sequences: int = 1
+    sequences: dict[int, _Returned] = field(default_factory=dict)  # by sequence_index
+    unfinished: int = 1  # sequences still generating: the last one's response is the final one
     disconnected: bool = False  # the client cancelled it (as last polled)
 
 
@@ -151,6 +160,9 @@ class TritonPythonModel:
         beam_width = t.scalar(request, "beam_width", 0, int, 1)
         if beam_width != 1:
             raise t.InputError(f"beam_width={beam_width}: the PyTorch engine decodes one beam")
+        num_sequences = t.scalar(request, "num_return_sequences", 0, int, 1)
+        if num_sequences < 1:
+            raise t.InputError(f"num_return_sequences must be >= 1, got {num_sequences}")
         params = SamplingParams(
             max_tokens=t.scalar(request, "request_output_len", 0, int, None),
             end_id=t.scalar(request, "end_id", 0, int, None),
@@ -183,6 +195,9 @@ class TritonPythonModel:
             params=params,
             streaming=t.scalar(request, "streaming", 0, bool, False),
             exclude_input=t.scalar(request, "exclude_input_in_output", 0, bool, self.exclude_input_default),
+            num_sequences=num_sequences,
+            sequences={i: _Returned() for i in range(num_sequences)},
+            unfinished=num_sequences,
         )
 
     def _guide_compiler(self):
@@ -228,7 +243,7 @@ class TritonPythonModel:
                         self.engine.cancel(request.key)
                 continue
             try:
-                self.engine.add_request(item.key, item.prompt, item.params)
+                self.engine.add_request(item.key, item.prompt, item.params, num_sequences=item.num_sequences)
             except (ValueError, EngineBusy) as exc:
                 item.sender.send(t.error_response(exc), flags=FINAL)
                 continue
@@ -261,45 +276,53 @@ class TritonPythonModel:
         if request is None:
             return
         if output.error:
+            # One failed sequence fails the request: the others are stopped, their outputs dropped.
             del self.active[output.request_id]
+            self.engine.cancel(output.request_id)
             request.sender.send(t.error_response(output.error), flags=FINAL)
             return
-        prefix = request.sent[-STREAM_PREFIX_TOKENS:]
-        request.sent.extend(output.token_ids)
+        returned = request.sequences[output.sequence_index]
+        prefix = returned.sent[-STREAM_PREFIX_TOKENS:]
+        returned.sent.extend(output.token_ids)
         if output.log_probs:
-            request.log_probs.extend(output.log_probs)
+            returned.log_probs.extend(output.log_probs)
+        last = False
         if output.finished:
-            del self.active[output.request_id]
+            request.unfinished -= 1
+            last = request.unfinished == 0
+            if last:
+                del self.active[output.request_id]
         if request.disconnected:
-            if output.finished:
+            if last:
                 request.sender.send(flags=FINAL)
             return
         if request.streaming:
             if output.token_ids or output.finished:
                 tokens = output.token_ids
                 log_probs = output.log_probs or [0.0] * len(tokens)
-                response = self._response(request, tokens, log_probs, prefix, output)
-                request.sender.send(response, flags=FINAL if output.finished else 0)
+                response = self._response(request, returned, tokens, log_probs, prefix, output)
+                request.sender.send(response, flags=FINAL if last else 0)
         elif output.finished:
-            tokens = request.sent if request.exclude_input else request.prompt + request.sent
-            log_probs = request.log_probs or [0.0] * len(request.sent)
-            response = self._response(request, tokens, log_probs, [], output)
-            request.sender.send(response, flags=FINAL)
+            tokens = returned.sent if request.exclude_input else request.prompt + returned.sent
+            log_probs = returned.log_probs or [0.0] * len(returned.sent)
+            response = self._response(request, returned, tokens, log_probs, [], output)
+            request.sender.send(response, flags=FINAL if last else 0)
 
-    def _response(self, request: _Request, tokens, log_probs, prefix, output: StepOutput):
+    def _response(self, request: _Request, returned: _Returned, tokens, log_probs, prefix, output: StepOutput):
         def ints(values, shape):
             return np.array(values, dtype=np.int32).reshape(shape)
 
         return pb_utils.InferenceResponse(output_tensors=[
             pb_utils.Tensor("output_ids", ints(tokens, (1, 1, len(tokens)))),
             pb_utils.Tensor("sequence_length", ints([len(tokens)], (1, 1))),
-            pb_utils.Tensor("cum_log_probs", np.array([[sum(request.log_probs)]], dtype=np.float32)),
+            pb_utils.Tensor("cum_log_probs", np.array([[sum(returned.log_probs)]], dtype=np.float32)),
             pb_utils.Tensor("output_log_probs", np.array(log_probs, dtype=np.float32).reshape(1, 1, -1)),
             pb_utils.Tensor("num_input_tokens", ints([len(request.prompt)], (1, 1))),
-            pb_utils.Tensor("num_output_tokens", ints([len(request.sent)], (1, 1))),
+            pb_utils.Tensor("num_output_tokens", ints([len(returned.sent)], (1, 1))),
             t.string_tensor("finish_reason", [[(output.finish_reason or "").encode()]]),
             pb_utils.Tensor("prefix_ids", ints(prefix, (1, 1, len(prefix)))),
             t.string_tensor("engine_request_id", [[request.key.encode()]]),
+            pb_utils.Tensor("sequence_index", ints([output.sequence_index], (1, 1))),
         ])
 
 
