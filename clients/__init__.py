@@ -4,11 +4,13 @@ from plateforme.clients.sdk import (
     SAFE_PROMPT, ChatCompletionResponse, CompletionChunk, CompletionEvent, EmbeddingResponse, InvalidRequestError,
     ModelNotFoundError, PlateformeClient, PlateformeError, ServerUnavailableError, ToolCall, parse_tool_calls,
 )
-from plateforme.clients.triton_client import EndpointError, GenerationChunk, GenerationParams, TritonEndpoints
+from plateforme.clients.triton_client import (
+    AsyncTransport, EndpointError, GenerationChunk, GenerationParams, Transport, TritonEndpoints,
+)
 
 __all__ = [
-    "ALIASES", "PUBLIC_ENDPOINTS", "SAFE_PROMPT", "ChatCompletionResponse", "CompletionChunk", "CompletionEvent",
+    "ALIASES", "AsyncTransport", "PUBLIC_ENDPOINTS", "SAFE_PROMPT", "ChatCompletionResponse", "CompletionChunk", "CompletionEvent",
     "EmbeddingResponse", "Endpoint", "EndpointError", "GenerationChunk", "GenerationParams", "InvalidRequestError",
     "ModelNotFoundError", "PlateformeClient", "PlateformeError", "Registry", "ServerUnavailableError", "ToolCall",
-    "TritonEndpoints", "parse_tool_calls",
+    "Transport", "TritonEndpoints", "parse_tool_calls",
 ]

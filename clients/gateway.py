@@ -11,9 +11,8 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import threading
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -27,8 +26,8 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from plateforme.clients.registry import Endpoint, Registry
 from plateforme.clients.sdk import (
-    InvalidRequestError, ModelNotFoundError, PlateformeError, Transport, completion_response, embedding_response,
-    join_chunks, plan_chat, stream_chunks,
+    AsyncTransport, InvalidRequestError, ModelNotFoundError, PlateformeError, completion_response, embedding_response,
+    plan_chat, stream_chunks_async,
 )
 from plateforme.clients.triton_client import DEFAULT_GRPC_URL
 
@@ -104,6 +103,7 @@ class ChatCompletionRequest(_Body):
     tool_choice: Literal["none", "auto", "any", "required"] | ToolChoiceFunction | None = None
     presence_penalty: float | None = Field(None, ge=-2.0, le=2.0)
     frequency_penalty: float | None = Field(None, ge=-2.0, le=2.0)
+    repetition_penalty: float | None = Field(None, gt=0.0, le=10.0)
     n: int | None = Field(None, ge=1, le=1)
     parallel_tool_calls: bool | None = None
     safe_prompt: bool = False
@@ -155,14 +155,15 @@ class _Metrics:
 def create_app(config: GatewayConfig | None = None) -> FastAPI:
     """The gateway's ASGI app; serve it with `uvicorn.run(create_app(...))`."""
     config = config or GatewayConfig()
-    transport = Transport(config.triton_url, config.protocol, timeout=config.timeout)
+    # One gRPC channel (or HTTP session) for every request, on the server's event loop.
+    transport = AsyncTransport(config.triton_url, config.protocol, timeout=config.timeout)
     registry = Registry(config.triton_url, config.protocol)
     metrics = _Metrics()
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI):
         yield
-        transport.close()
+        await transport.close()
 
     app = FastAPI(title="plateforme gateway", version="0.1.0", lifespan=lifespan,
                   description="Mistral's La Plateforme API in front of a Triton server.")
@@ -191,7 +192,8 @@ def create_app(config: GatewayConfig | None = None) -> FastAPI:
         return error_response(exc.status_code, exc.message)
 
     async def lookup(name: str, kind: str) -> Endpoint:
-        endpoint = await run_in_threadpool(registry.get, name)
+        # Known and fresh: no thread hop; otherwise the registry asks Triton (blocking) in a thread.
+        endpoint = registry.cached(name) or await run_in_threadpool(registry.get, name)
         if endpoint is None:
             raise ModelNotFoundError(f"model {name!r} is not served here; see GET /v1/models")
         if endpoint.kind != kind:
@@ -235,30 +237,35 @@ def create_app(config: GatewayConfig | None = None) -> FastAPI:
             response_format=body.response_format.model_dump(exclude_none=True) if body.response_format else None,
             tools=[t.model_dump(exclude_none=True) for t in body.tools] if body.tools else None,
             tool_choice=body.tool_choice.model_dump() if isinstance(body.tool_choice, BaseModel) else body.tool_choice,
-            safe_prompt=body.safe_prompt, default_max_tokens=config.default_max_tokens,
+            safe_prompt=body.safe_prompt, presence_penalty=body.presence_penalty,
+            frequency_penalty=body.frequency_penalty, repetition_penalty=body.repetition_penalty,
+            parallel_tool_calls=body.parallel_tool_calls, default_max_tokens=config.default_max_tokens,
         )
         inputs = plan.tensors(stream=body.stream)
         if not body.stream:
             try:
-                chunk = await run_in_threadpool(
-                    lambda: join_chunks(transport.generate(endpoint.model, inputs, stream=False)))
+                chunk = await transport.complete(endpoint.model, inputs)
             except PlateformeError as exc:
                 metrics.requests.labels("chat", body.model, str(exc.status_code)).inc()
                 raise
             response = completion_response(body.model, plan, chunk)
             _count(metrics, "chat", body.model, response.usage, start)
-            return response.model_dump()
+            return Response(response.model_dump_json(), media_type="application/json")
 
         chunks = transport.generate(endpoint.model, inputs, stream=True)
         try:
             # The first chunk comes before the response starts, so early errors get their status.
-            first = await run_in_threadpool(next, chunks, None)
-        except PlateformeError as exc:
-            metrics.requests.labels("chat", body.model, str(exc.status_code)).inc()
+            first = await chunks.__anext__()
+        except StopAsyncIteration:
+            first = None
+        except BaseException as exc:
+            await chunks.aclose()
+            if isinstance(exc, PlateformeError):
+                metrics.requests.labels("chat", body.model, str(exc.status_code)).inc()
             raise
-        events = stream_chunks(body.model, plan, _prepend(first, chunks))
+        events = stream_chunks_async(body.model, plan, _prepend(first, chunks))
         metrics.latency.labels("chat").observe(time.perf_counter() - start)
-        return StreamingResponse(_sse(events, chunks, metrics, body.model), media_type="text/event-stream",
+        return StreamingResponse(_sse(events, metrics, body.model), media_type="text/event-stream",
                                  headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
 
     @app.post("/v1/embeddings")
@@ -268,10 +275,10 @@ def create_app(config: GatewayConfig | None = None) -> FastAPI:
         texts = [body.input] if isinstance(body.input, str) else body.input
         if not texts or any(not t for t in texts):
             raise InvalidRequestError("input must be a non-empty string or a non-empty list of non-empty strings")
-        vectors, counts = await run_in_threadpool(transport.embed, endpoint.model, texts)
+        vectors, counts = await transport.embed(endpoint.model, texts)
         response = embedding_response(body.model, vectors, counts, body.encoding_format)
         _count(metrics, "embeddings", body.model, response.usage, start)
-        return response.model_dump()
+        return Response(response.model_dump_json(), media_type="application/json")
 
     return app
 
@@ -290,45 +297,37 @@ def _message(message: Message) -> dict:
     return out
 
 
-def _prepend(first, rest: Iterator) -> Iterator:
-    if first is not None:
-        yield first
-    yield from rest
+async def _prepend(first, rest: AsyncIterator) -> AsyncIterator:
+    try:
+        if first is not None:
+            yield first
+        async for item in rest:
+            yield item
+    finally:
+        await rest.aclose()
 
 
-async def _sse(events: Iterator, source: Iterator, metrics: _Metrics, model: str) -> AsyncIterator[bytes]:
+async def _sse(events: AsyncIterator, metrics: _Metrics, model: str) -> AsyncIterator[bytes]:
     """`data: {chunk}` lines, then `data: [DONE]`; an error mid-stream is sent as a last error
-    event. Leaving early (client gone) closes the source, which cancels the request in Triton."""
+    event. A client that leaves cancels this generator, which cancels the request in Triton."""
     status = "200"
     try:
-        while True:
-            try:
-                event = await run_in_threadpool(next, events, None)
-            except PlateformeError as exc:
-                status = str(exc.status_code)
-                yield f"data: {json.dumps(error_body(exc.status_code, exc.message))}\n\n".encode()
-                break
-            if event is None:
-                break
-            if event.usage is not None:
-                metrics.tokens.labels(model, "prompt").inc(event.usage.prompt_tokens)
-                metrics.tokens.labels(model, "completion").inc(event.usage.completion_tokens)
-            yield f"data: {event.model_dump_json()}\n\n".encode()
-        yield b"data: [DONE]\n\n"
-    finally:
-        metrics.requests.labels("chat", model, status).inc()
-        # Not awaited: this also runs when the client left and the task is being cancelled.
-        threading.Thread(target=_close, args=(source,), daemon=True).start()
-
-
-def _close(source: Iterator) -> None:
-    """Close a generator, waiting for a `next` still running in another thread to return."""
-    for _ in range(600):
         try:
-            source.close()
-            return
-        except ValueError:  # generator already executing
-            time.sleep(0.05)
+            async for event in events:
+                if event.usage is not None:
+                    metrics.tokens.labels(model, "prompt").inc(event.usage.prompt_tokens)
+                    metrics.tokens.labels(model, "completion").inc(event.usage.completion_tokens)
+                yield b"data: " + event.model_dump_json().encode() + b"\n\n"
+        except PlateformeError as exc:
+            status = str(exc.status_code)
+            yield f"data: {json.dumps(error_body(exc.status_code, exc.message))}\n\n".encode()
+        yield b"data: [DONE]\n\n"
+    except BaseException:
+        status = "499"  # the client went away
+        raise
+    finally:
+        await events.aclose()
+        metrics.requests.labels("chat", model, status).inc()
 
 
 def _count(metrics: _Metrics, route: str, model: str, usage, start: float) -> None:

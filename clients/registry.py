@@ -44,6 +44,12 @@ class Registry:
                 self._loaded_at = time.monotonic()
             return list(self._endpoints.values())
 
+    def cached(self, name: str) -> Endpoint | None:
+        """The endpoint called `name` if the last look at the server is fresh and found it; never blocks."""
+        if time.monotonic() - self._loaded_at <= self.ttl:
+            return self._endpoints.get(name)
+        return None
+
     def get(self, name: str) -> Endpoint | None:
         """The endpoint called `name`, looking again at the server once if it is not known."""
         found = {e.id: e for e in self.endpoints()}.get(name)

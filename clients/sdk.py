@@ -9,21 +9,20 @@ the gateway. No torch, no models: only the wire.
 from __future__ import annotations
 
 import json
-import queue
 import random
 import re
 import string
-import threading
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from typing import Any, Literal
 
 import numpy as np
 from pydantic import BaseModel, Field
 
-from plateforme.clients.triton_client import (
-    DEFAULT_GRPC_URL, DEFAULT_HTTP_URL, EndpointError, GenerationChunk, GenerationParams,
+from plateforme.clients.triton_client import (  # noqa: F401 (errors and transports re-exported)
+    AsyncTransport, EndpointError, GenerationChunk, GenerationParams, InvalidRequestError, ModelNotFoundError,
+    PlateformeError, ServerUnavailableError, Transport, chat_tensors, classify, join_chunks,
 )
 
 SAFE_PROMPT = (
@@ -34,33 +33,6 @@ TOOL_CALLS_TOKEN = "[TOOL_CALLS]"
 # The engine's finish reasons -> the Mistral API's.
 _FINISH_REASONS = {"end_id": "stop", "stop": "stop", "length": "length", "model_length": "model_length",
                    "cancelled": "error"}
-
-
-# -- errors ----------------------------------------------------------------------------------
-class PlateformeError(EndpointError):
-    """An endpoint call failed; `status_code` is the HTTP status La Plateforme would answer."""
-
-    status_code = 500
-
-    def __init__(self, message: str):
-        super().__init__(message)
-        self.message = message
-
-
-class InvalidRequestError(PlateformeError, ValueError):
-    """The request is malformed or does not fit the model (too long, bad guide, ...)."""
-
-    status_code = 400
-
-
-class ModelNotFoundError(PlateformeError, LookupError):
-    status_code = 404
-
-
-class ServerUnavailableError(PlateformeError):
-    """Triton cannot be reached, or it is overloaded (queue full)."""
-
-    status_code = 503
 
 
 # -- API objects -----------------------------------------------------------------------------
@@ -156,9 +128,7 @@ class ChatPlan(BaseModel):
     forced_tool_call: bool = False
 
     def tensors(self, stream: bool) -> dict[str, tuple[np.ndarray, str]]:
-        inputs = GenerationParams(**self.params).tensors()
-        inputs["messages"] = (np.array([[self.messages_json.encode()]], dtype=object), "BYTES")
-        inputs["stream"] = (np.array([[stream]], dtype=bool), "BOOL")
+        inputs = chat_tensors(GenerationParams(**self.params), messages_json=self.messages_json, stream=stream)
         if self.guide_type:
             inputs["guided_decoding_guide_type"] = (np.array([[self.guide_type.encode()]], dtype=object), "BYTES")
         if self.guide:
@@ -178,6 +148,10 @@ def plan_chat(
     tools: list[dict] | None = None,
     tool_choice: str | dict | None = None,
     safe_prompt: bool = False,
+    presence_penalty: float | None = None,
+    frequency_penalty: float | None = None,
+    repetition_penalty: float | None = None,
+    parallel_tool_calls: bool | None = None,
     default_max_tokens: int = 256,
 ) -> ChatPlan:
     """Map Mistral API chat arguments onto the ensemble's `messages` request and tensors.
@@ -216,10 +190,14 @@ def plan_chat(
     if isinstance(stop, str):
         stop = [stop]
     params = {"max_tokens": default_max_tokens if max_tokens is None else max_tokens, "temperature": temperature,
-              "top_p": top_p, "seed": random_seed, "stop": stop or None}
+              "top_p": top_p, "seed": random_seed, "stop": stop or None, "presence_penalty": presence_penalty,
+              "frequency_penalty": frequency_penalty, "repetition_penalty": repetition_penalty}
     plan = ChatPlan(messages_json=json.dumps(request), params=params, forced_tool_call=forced)
     if forced:
-        plan.guide_type, plan.guide = "json_schema", json.dumps(_tool_calls_schema(allowed))
+        schema = _tool_calls_schema(allowed)
+        if parallel_tool_calls is False:
+            schema["maxItems"] = 1
+        plan.guide_type, plan.guide = "json_schema", json.dumps(schema)
     elif response_format:
         kind = _plain(response_format).get("type", "text")
         if kind == "json_object":
@@ -305,240 +283,69 @@ def finish_reason(engine_reason: str | None) -> str | None:
     return _FINISH_REASONS.get(engine_reason, engine_reason) if engine_reason else None
 
 
-# -- transport -------------------------------------------------------------------------------
-class Transport:
-    """Streams ensemble requests to Triton, with errors classified by HTTP status.
-
-    gRPC clients are pooled: one stream per client at a time, but the channel (a TCP connection)
-    outlives the request, which saves its set-up on every call.
-    """
-
-    def __init__(self, url: str | None = None, protocol: str = "grpc", timeout: float = 300.0,
-                 retries: int = 2, retry_backoff: float = 0.2):
-        if protocol not in ("grpc", "http"):
-            raise ValueError(f"protocol must be grpc or http, got {protocol!r}")
-        self.protocol = protocol
-        self.url = url or (DEFAULT_GRPC_URL if protocol == "grpc" else DEFAULT_HTTP_URL)
-        self.timeout = timeout
-        self.retries = retries
-        self.retry_backoff = retry_backoff
-        self._pool: list = []
-        self._lock = threading.Lock()
-
-    def generate(self, model: str, inputs: dict[str, tuple[np.ndarray, str]], stream: bool) -> Iterator[GenerationChunk]:
-        """Chunks of one request; retried while the server is unavailable and nothing was yielded."""
-        for attempt in range(self.retries + 1):
-            started = False
-            try:
-                chunks = self._grpc(model, inputs) if self.protocol == "grpc" else self._http(model, inputs, stream)
-                for chunk in chunks:
-                    started = True
-                    yield chunk
-                return
-            except ServerUnavailableError:
-                if started or attempt == self.retries:
-                    raise
-                time.sleep(self.retry_backoff * 2 ** attempt)
-
-    def embed(self, model: str, texts: list[str]) -> tuple[np.ndarray, list[int]]:
-        if not texts:
-            raise InvalidRequestError("input must not be empty")
-        array = np.array([[t.encode()] for t in texts], dtype=object)
-        if self.protocol == "grpc":
-            import tritonclient.grpc as module
-        else:
-            import tritonclient.http as module
-        from tritonclient.utils import InferenceServerException
-
-        client = self._client() if self.protocol == "grpc" else module.InferenceServerClient(self.url)
-        tensor = module.InferInput("text_input", list(array.shape), "BYTES")
-        tensor.set_data_from_numpy(array)
-        try:
-            result = client.infer(model, [tensor], client_timeout=self.timeout) if self.protocol == "grpc" \
-                else client.infer(model, [tensor])
-        except InferenceServerException as exc:
-            raise classify(exc) from None
-        except OSError as exc:
-            raise ServerUnavailableError(f"Triton at {self.url} is unreachable: {exc}") from None
-        finally:
-            self._release(client) if self.protocol == "grpc" else client.close()
-        return result.as_numpy("embedding"), result.as_numpy("num_input_tokens").reshape(-1).tolist()
-
-    def close(self) -> None:
-        with self._lock:
-            pool, self._pool = self._pool, []
-        for client in pool:
-            client.close()
-
-    def _client(self):
-        import tritonclient.grpc as grpcclient
-
-        with self._lock:
-            if self._pool:
-                return self._pool.pop()
-        return grpcclient.InferenceServerClient(self.url)
-
-    def _release(self, client) -> None:
-        with self._lock:
-            self._pool.append(client)
-
-    def _grpc(self, model: str, inputs) -> Iterator[GenerationChunk]:
-        import tritonclient.grpc as grpcclient
-        from tritonclient.utils import InferenceServerException
-
-        results: queue.Queue = queue.Queue()
-        client = self._client()
-        tensors = []
-        for name, (array, datatype) in inputs.items():
-            tensor = grpcclient.InferInput(name, list(array.shape), datatype)
-            tensor.set_data_from_numpy(array)
-            tensors.append(tensor)
-        finished = healthy = False
-        try:
-            client.start_stream(callback=lambda result, error: results.put((result, error)),
-                                stream_timeout=self.timeout)
-            try:
-                client.async_stream_infer(model, tensors, request_id=uuid.uuid4().hex,
-                                          enable_empty_final_response=True)
-            except InferenceServerException as exc:
-                # A broken stream reports its cause through the callback.
-                try:
-                    raise classify(results.get(timeout=1.0)[1] or exc) from None
-                except queue.Empty:
-                    raise classify(exc) from None
-            while True:
-                try:
-                    result, error = results.get(timeout=self.timeout)
-                except queue.Empty:
-                    raise ServerUnavailableError(f"no response from {model} within {self.timeout:.0f} s") from None
-                if error is not None:
-                    raise classify(error)
-                response = result.get_response()
-                if response.outputs:
-                    yield _chunk(result.as_numpy)
-                final = response.parameters.get("triton_final_response")
-                if final is not None and final.bool_param:
-                    finished = healthy = True
-                    return
-        except InferenceServerException as exc:
-            raise classify(exc) from None
-        finally:
-            # Closing the stream with the request still running cancels it on the server.
-            try:
-                client.stop_stream(cancel_requests=not finished)
-            except Exception:  # a broken channel: drop the client rather than pool it
-                healthy = False
-            if healthy:
-                self._release(client)
-            else:
-                client.close()
-
-    def _http(self, model: str, inputs, stream: bool) -> Iterator[GenerationChunk]:
-        import urllib.error
-        import urllib.request
-
-        body = {}
-        for name, (array, _) in inputs.items():
-            values = [v.decode() if isinstance(v, bytes) else v.item() for v in array.reshape(-1)]
-            body[name] = values if name == "stop_words" else values[0]
-        route = "generate_stream" if stream else "generate"
-        request = urllib.request.Request(f"http://{self.url}/v2/models/{model}/{route}",
-                                         data=json.dumps(body).encode(), headers={"Content-Type": "application/json"})
-        try:
-            with urllib.request.urlopen(request, timeout=self.timeout) as response:
-                if not stream:
-                    yield _chunk_from_json(json.loads(response.read()))
-                    return
-                for line in response:
-                    line = line.strip()
-                    if line.startswith(b"data:"):
-                        payload = json.loads(line[5:])
-                        if "error" in payload:
-                            raise InvalidRequestError(payload["error"])
-                        yield _chunk_from_json(payload)
-        except urllib.error.HTTPError as exc:
-            try:
-                message = json.loads(exc.read()).get("error", str(exc))
-            except ValueError:
-                message = str(exc)
-            raise _by_status(exc.code, message) from None
-        except (urllib.error.URLError, ConnectionError, TimeoutError) as exc:
-            raise ServerUnavailableError(f"Triton at {self.url} is unreachable: {exc}") from None
-
-
-def classify(error) -> PlateformeError:
-    """A tritonclient error as the PlateformeError its status calls for."""
-    message = error.message() if callable(getattr(error, "message", None)) else str(error)
-    status = str(error.status() if callable(getattr(error, "status", None)) else "")
-    if "UNAVAILABLE" in status or "DEADLINE" in status or "unavailable" in message.lower():
-        return ServerUnavailableError(message or f"Triton is unavailable ({status})")
-    if "NOT_FOUND" in status or re.search(r"unknown model|not found", message or "", re.I):
-        return ModelNotFoundError(message)
-    return InvalidRequestError(message or str(error))
-
-
-def _by_status(code: int, message: str) -> PlateformeError:
-    if code == 404:
-        return ModelNotFoundError(message)
-    if code in (502, 503, 504):
-        return ServerUnavailableError(message)
-    return InvalidRequestError(message)
-
-
-def _chunk(as_numpy) -> GenerationChunk:
-    def first(name, cast):
-        value = as_numpy(name)
-        return None if value is None or value.size == 0 else cast(value.reshape(-1)[0])
-
-    def text(value):
-        return value.decode() if isinstance(value, bytes) else str(value)
-
-    return GenerationChunk(first("text_output", text) or "", first("finish_reason", text) or None,
-                           first("num_input_tokens", int), first("num_output_tokens", int))
-
-
-def _chunk_from_json(payload: dict) -> GenerationChunk:
-    def first(value):
-        return value[0] if isinstance(value, list) else value
-
-    return GenerationChunk(first(payload.get("text_output", "")) or "", first(payload.get("finish_reason")) or None,
-                           first(payload.get("num_input_tokens")), first(payload.get("num_output_tokens")))
-
-
 # -- responses -------------------------------------------------------------------------------
 def completion_id() -> str:
     return uuid.uuid4().hex
 
 
-def stream_chunks(model: str, plan: ChatPlan, chunks: Iterator[GenerationChunk]) -> Iterator[CompletionChunk]:
+class StreamAssembler:
     """Mistral API stream chunks from engine chunks: a role delta, content deltas, then a last
     chunk with the finish reason and usage. An answer that is a tool call is held back and sent
-    as one `tool_calls` delta."""
-    cid, created = completion_id(), int(time.time())
+    as one `tool_calls` delta. Shared by the sync and asyncio streams."""
 
-    def make(delta: DeltaMessage, reason: str | None = None, usage: UsageInfo | None = None) -> CompletionChunk:
-        return CompletionChunk(id=cid, model=model, created=created, usage=usage,
+    def __init__(self, model: str, plan: ChatPlan):
+        self.model, self.plan = model, plan
+        self.id, self.created = completion_id(), int(time.time())
+        self.held, self.holding = "", plan.forced_tool_call
+        self.last: GenerationChunk | None = None
+
+    def make(self, delta: DeltaMessage, reason: str | None = None, usage: UsageInfo | None = None) -> CompletionChunk:
+        return CompletionChunk(id=self.id, model=self.model, created=self.created, usage=usage,
                                choices=[CompletionResponseStreamChoice(delta=delta, finish_reason=reason)])
 
-    yield make(DeltaMessage(role="assistant", content=""))
-    held, holding = "", plan.forced_tool_call
-    last: GenerationChunk | None = None
+    def start(self) -> CompletionChunk:
+        return self.make(DeltaMessage(role="assistant", content=""))
+
+    def feed(self, chunk: GenerationChunk) -> CompletionChunk | None:
+        self.last = chunk
+        if self.holding or might_be_tool_call(self.held + chunk.text):
+            self.held += chunk.text
+            self.holding = self.holding or self.held.lstrip().startswith(TOOL_CALLS_TOKEN)
+            return None
+        text, self.held = self.held + chunk.text, ""
+        return self.make(DeltaMessage(content=text)) if text else None
+
+    def finish(self) -> CompletionChunk:
+        usage = _usage(self.last)
+        calls = parse_tool_calls(self.held, bare=self.plan.forced_tool_call) if self.held else None
+        if calls:
+            return self.make(DeltaMessage(tool_calls=calls), "tool_calls", usage)
+        reason = finish_reason(self.last.finish_reason if self.last else None)
+        return self.make(DeltaMessage(content=self.held), reason, usage)
+
+
+def stream_chunks(model: str, plan: ChatPlan, chunks: Iterator[GenerationChunk]) -> Iterator[CompletionChunk]:
+    assembler = StreamAssembler(model, plan)
+    yield assembler.start()
     for chunk in chunks:
-        last = chunk
-        if holding or might_be_tool_call(held + chunk.text):
-            held += chunk.text
-            holding = holding or held.lstrip().startswith(TOOL_CALLS_TOKEN)
-            continue
-        text, held = held + chunk.text, ""
-        if text:
-            yield make(DeltaMessage(content=text))
-    usage = _usage(last)
-    reason = finish_reason(last.finish_reason if last else None)
-    calls = parse_tool_calls(held, bare=plan.forced_tool_call) if held else None
-    if calls:
-        yield make(DeltaMessage(tool_calls=calls), "tool_calls", usage)
-        return
-    yield make(DeltaMessage(content=held) if held else DeltaMessage(content=""), reason, usage)
+        out = assembler.feed(chunk)
+        if out is not None:
+            yield out
+    yield assembler.finish()
+
+
+async def stream_chunks_async(model: str, plan: ChatPlan, chunks: AsyncIterator[GenerationChunk]
+                              ) -> AsyncIterator[CompletionChunk]:
+    assembler = StreamAssembler(model, plan)
+    yield assembler.start()
+    try:
+        async for chunk in chunks:
+            out = assembler.feed(chunk)
+            if out is not None:
+                yield out
+    finally:
+        await chunks.aclose()  # leaving early cancels the request in Triton
+    yield assembler.finish()
 
 
 def completion_response(model: str, plan: ChatPlan, chunk: GenerationChunk) -> ChatCompletionResponse:
@@ -554,13 +361,6 @@ def _usage(chunk: GenerationChunk | None) -> UsageInfo:
     prompt = (chunk.num_input_tokens or 0) if chunk else 0
     completion = (chunk.num_output_tokens or 0) if chunk else 0
     return UsageInfo(prompt_tokens=prompt, completion_tokens=completion, total_tokens=prompt + completion)
-
-
-def join_chunks(chunks: Iterator[GenerationChunk]) -> GenerationChunk:
-    parts = list(chunks)
-    last = parts[-1] if parts else GenerationChunk("")
-    return GenerationChunk("".join(p.text for p in parts), last.finish_reason, last.num_input_tokens,
-                           last.num_output_tokens)
 
 
 def embedding_response(model: str, vectors: np.ndarray, counts: list[int], encoding_format: str = "float"
@@ -580,28 +380,126 @@ def embedding_response(model: str, vectors: np.ndarray, counts: list[int], encod
 
 
 # -- the client ------------------------------------------------------------------------------
+class EventStream:
+    """What `chat.stream` returns, as in `mistralai`: iterate it for `CompletionEvent`s; `close()`,
+    leaving a `with` block or breaking out and dropping it cancels the request in Triton."""
+
+    def __init__(self, model: str, plan: ChatPlan, first: GenerationChunk | None, source: Iterator[GenerationChunk]):
+        self._source = source
+        self._events = stream_chunks(model, plan, _prepend(first, source))
+
+    def __iter__(self) -> "EventStream":
+        return self
+
+    def __next__(self) -> CompletionEvent:
+        return CompletionEvent(data=next(self._events))
+
+    def close(self) -> None:
+        self._events.close()
+        self._source.close()
+
+    def __enter__(self) -> "EventStream":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def __del__(self):
+        if hasattr(self, "_events"):
+            self.close()
+
+
+class EventStreamAsync:
+    """What `chat.stream_async` returns: `async for event in stream`; `await stream.close()` (or
+    `async with`, or cancelling the task) cancels the request in Triton."""
+
+    def __init__(self, model: str, plan: ChatPlan, first: GenerationChunk | None,
+                 source: AsyncIterator[GenerationChunk]):
+        self._source = source
+        self._events = stream_chunks_async(model, plan, _prepend_async(first, source))
+
+    def __aiter__(self) -> "EventStreamAsync":
+        return self
+
+    async def __anext__(self) -> CompletionEvent:
+        return CompletionEvent(data=await self._events.__anext__())
+
+    async def close(self) -> None:
+        await self._events.aclose()
+        await self._source.aclose()
+
+    async def __aenter__(self) -> "EventStreamAsync":
+        return self
+
+    async def __aexit__(self, *exc) -> None:
+        await self.close()
+
+
+def _prepend(first, rest: Iterator) -> Iterator:
+    if first is not None:
+        yield first
+    yield from rest
+
+
+async def _prepend_async(first, rest: AsyncIterator) -> AsyncIterator:
+    if first is not None:
+        yield first
+    async for item in rest:
+        yield item
+
+
 class Chat:
+    """`client.chat`: complete / stream, and their asyncio twins complete_async / stream_async.
+
+    Keyword arguments as Mistral's API: temperature, top_p, max_tokens, stop, random_seed,
+    response_format, tools, tool_choice, safe_prompt, presence_penalty, frequency_penalty
+    (and repetition_penalty, which the engine also takes)."""
+
     def __init__(self, client: "PlateformeClient"):
         self._client = client
 
     def complete(self, *, model: str, messages: list[dict], **kwargs) -> ChatCompletionResponse:
-        """One answer; kwargs as `plan_chat` (temperature, top_p, max_tokens, stop, random_seed,
-        response_format, tools, tool_choice, safe_prompt)."""
-        target = self._client.resolve(model)
-        plan = plan_chat(messages, **kwargs)
+        target, plan = self._client.resolve(model), plan_chat(messages, **_api_kwargs(kwargs))
         chunk = join_chunks(self._client.transport.generate(target, plan.tensors(stream=False), stream=False))
         return completion_response(model, plan, chunk)
 
-    def stream(self, *, model: str, messages: list[dict], **kwargs) -> Iterator[CompletionEvent]:
-        """Chunks as they are generated; closing the iterator cancels the request on the server."""
-        target = self._client.resolve(model)
-        plan = plan_chat(messages, **kwargs)
-        chunks = self._client.transport.generate(target, plan.tensors(stream=True), stream=True)
-        for chunk in stream_chunks(model, plan, chunks):
-            yield CompletionEvent(data=chunk)
+    def stream(self, *, model: str, messages: list[dict], **kwargs) -> EventStream:
+        """The request is sent before this returns (its errors raise here), then chunks arrive as
+        they are generated."""
+        target, plan = self._client.resolve(model), plan_chat(messages, **_api_kwargs(kwargs))
+        source = self._client.transport.generate(target, plan.tensors(stream=True), stream=True)
+        return EventStream(model, plan, next(source, None), source)
+
+    async def complete_async(self, *, model: str, messages: list[dict], **kwargs) -> ChatCompletionResponse:
+        target, plan = self._client.resolve(model), plan_chat(messages, **_api_kwargs(kwargs))
+        chunk = await self._client.async_transport.complete(target, plan.tensors(stream=False))
+        return completion_response(model, plan, chunk)
+
+    async def stream_async(self, *, model: str, messages: list[dict], **kwargs) -> EventStreamAsync:
+        """`async for event in await client.chat.stream_async(...)`, as in mistralai."""
+        target, plan = self._client.resolve(model), plan_chat(messages, **_api_kwargs(kwargs))
+        source = self._client.async_transport.generate(target, plan.tensors(stream=True), stream=True)
+        try:
+            first = await source.__anext__()
+        except StopAsyncIteration:
+            first = None
+        except BaseException:
+            await source.aclose()
+            raise
+        return EventStreamAsync(model, plan, first, source)
+
+
+def _api_kwargs(kwargs: dict) -> dict:
+    # mistralai passes `stream`; `n` > 1 is not served.
+    kwargs = {k: v for k, v in kwargs.items() if v is not None and k != "stream"}
+    if kwargs.pop("n", 1) != 1:
+        raise InvalidRequestError("n must be 1")
+    return kwargs
 
 
 class Embeddings:
+    """`client.embeddings`: create / create_async."""
+
     def __init__(self, client: "PlateformeClient"):
         self._client = client
 
@@ -610,14 +508,23 @@ class Embeddings:
         vectors, counts = self._client.transport.embed(self._client.resolve(model), texts)
         return embedding_response(model, vectors, counts, encoding_format)
 
+    async def create_async(self, *, model: str, inputs: str | list[str], encoding_format: str = "float"
+                           ) -> EmbeddingResponse:
+        texts = [inputs] if isinstance(inputs, str) else list(inputs)
+        vectors, counts = await self._client.async_transport.embed(self._client.resolve(model), texts)
+        return embedding_response(model, vectors, counts, encoding_format)
+
 
 class PlateformeClient:
     """`mistralai.Mistral`-shaped client of a Triton server: `.chat.complete`, `.chat.stream`,
-    `.embeddings.create`. Public names and aliases (open-mistral-7b, ...) resolve to the served
-    Triton models; other names are sent as they are."""
+    `.embeddings.create` and their `_async` twins (asyncio), over gRPC (default) or HTTP. Public
+    names and aliases (open-mistral-7b, ...) resolve to the served Triton models; other names are
+    sent as they are. Calls are retried while Triton is unavailable (`retries`), and each waits at
+    most `timeout` seconds."""
 
     def __init__(self, url: str | None = None, protocol: str = "grpc", timeout: float = 300.0, retries: int = 2):
         self.transport = Transport(url, protocol, timeout, retries)
+        self.async_transport = AsyncTransport(url, protocol, timeout, retries)
         self.chat = Chat(self)
         self.embeddings = Embeddings(self)
 
@@ -629,8 +536,17 @@ class PlateformeClient:
     def close(self) -> None:
         self.transport.close()
 
+    async def aclose(self) -> None:
+        await self.async_transport.close()
+
     def __enter__(self) -> "PlateformeClient":
         return self
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+    async def __aenter__(self) -> "PlateformeClient":
+        return self
+
+    async def __aexit__(self, *exc) -> None:
+        await self.aclose()

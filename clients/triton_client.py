@@ -1,27 +1,87 @@
-"""Call plateforme endpoints on a Triton server over gRPC (default) or HTTP.
+"""Call plateforme endpoints on a Triton server over gRPC (default) or HTTP, sync or asyncio.
 
 Chat endpoints are decoupled (they stream), so over gRPC every call uses the streaming RPC and
 over HTTP the `generate` / `generate_stream` extension; plain `infer` is refused by Triton for
-decoupled models. This module talks to Triton over the wire only: no torch, no models.
+decoupled models. `Transport` (threads, tritonclient) and `AsyncTransport` (asyncio: grpc.aio on
+Triton's protobuf service, aiohttp) send the same tensors and raise the same errors; the SDK, the
+gateway and the CLI all go through them. This module talks to Triton over the wire only.
 """
 from __future__ import annotations
 
+import asyncio
 import json
 import queue
+import re
+import threading
+import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
 
 import numpy as np
 
 DEFAULT_GRPC_URL = "127.0.0.1:8001"
 DEFAULT_HTTP_URL = "127.0.0.1:8000"
+Tensors = dict[str, tuple[np.ndarray, str]]
 
 
+# -- errors ----------------------------------------------------------------------------------
 class EndpointError(RuntimeError):
     """The server answered with an error (bad input, unknown model, ...)."""
 
 
+class PlateformeError(EndpointError):
+    """An endpoint call failed; `status_code` is the HTTP status La Plateforme would answer."""
+
+    status_code = 500
+
+    def __init__(self, message: str):
+        super().__init__(message)
+        self.message = message
+
+
+class InvalidRequestError(PlateformeError, ValueError):
+    """The request is malformed or does not fit the model (too long, bad guide, ...)."""
+
+    status_code = 400
+
+
+class ModelNotFoundError(PlateformeError, LookupError):
+    status_code = 404
+
+
+class ServerUnavailableError(PlateformeError):
+    """Triton cannot be reached, or it is overloaded (queue full), or it did not answer in time."""
+
+    status_code = 503
+
+
+def classify(error) -> PlateformeError:
+    """A tritonclient / gRPC error as the PlateformeError its status calls for."""
+    message = error.message() if callable(getattr(error, "message", None)) else None
+    if message is None and callable(getattr(error, "details", None)):  # grpc.RpcError
+        message = error.details()
+    message = message or str(error)
+    status = error.status() if callable(getattr(error, "status", None)) else None
+    if status is None and callable(getattr(error, "code", None)):
+        status = error.code()
+    status = str(status or "")
+    if "UNAVAILABLE" in status or "DEADLINE" in status or "unavailable" in message.lower():
+        return ServerUnavailableError(message or f"Triton is unavailable ({status})")
+    if "NOT_FOUND" in status or re.search(r"unknown model|not found", message or "", re.I):
+        return ModelNotFoundError(message)
+    return InvalidRequestError(message)
+
+
+def _by_status(code: int, message: str) -> PlateformeError:
+    if code == 404:
+        return ModelNotFoundError(message)
+    if code in (502, 503, 504):
+        return ServerUnavailableError(message)
+    return InvalidRequestError(message)
+
+
+# -- requests and answers ---------------------------------------------------------------------
 @dataclass
 class GenerationChunk:
     text: str
@@ -39,15 +99,17 @@ class GenerationParams:
     seed: int | None = None
     stop: list[str] | None = None
     min_tokens: int | None = None
+    presence_penalty: float | None = None
+    frequency_penalty: float | None = None
+    repetition_penalty: float | None = None
 
-    def tensors(self) -> dict[str, tuple[np.ndarray, str]]:
+    def tensors(self) -> Tensors:
         """ensemble input name -> ([1, n] array, Triton datatype) for the parameters that are set."""
-        values: dict[str, tuple[np.ndarray, str]] = {
-            "max_tokens": (np.array([[self.max_tokens]], dtype=np.int32), "INT32"),
-        }
+        values: Tensors = {"max_tokens": (np.array([[self.max_tokens]], dtype=np.int32), "INT32")}
         scalars = {"temperature": ("FP32", np.float32), "top_p": ("FP32", np.float32),
                    "top_k": ("INT32", np.int32), "seed": ("UINT64", np.uint64),
-                   "min_tokens": ("INT32", np.int32)}
+                   "min_tokens": ("INT32", np.int32), "presence_penalty": ("FP32", np.float32),
+                   "frequency_penalty": ("FP32", np.float32), "repetition_penalty": ("FP32", np.float32)}
         for name, (datatype, dtype) in scalars.items():
             value = getattr(self, name)
             if value is not None:
@@ -57,98 +119,197 @@ class GenerationParams:
         return values
 
 
-class TritonEndpoints:
-    """Chat and embedding calls against one Triton server."""
+def chat_tensors(params: GenerationParams | None = None, prompt: str | None = None,
+                 messages_json: str | None = None, stream: bool = False) -> Tensors:
+    """The ensemble inputs of one request: raw text or a Mistral-API `messages` request."""
+    if (prompt is None) == (messages_json is None):
+        raise ValueError("give exactly one of prompt or messages")
+    inputs = (params or GenerationParams()).tensors()
+    if prompt is not None:
+        inputs["text_input"] = (np.array([[prompt.encode()]], dtype=object), "BYTES")
+    else:
+        inputs["messages"] = (np.array([[messages_json.encode()]], dtype=object), "BYTES")
+    inputs["stream"] = (np.array([[stream]], dtype=bool), "BOOL")
+    return inputs
 
-    def __init__(self, url: str | None = None, protocol: str = "grpc", timeout: float = 300.0):
+
+def _chunk(as_numpy) -> GenerationChunk:
+    def first(name, cast):
+        value = as_numpy(name)
+        return None if value is None or value.size == 0 else cast(value.reshape(-1)[0])
+
+    def text(value):
+        return value.decode() if isinstance(value, bytes) else str(value)
+
+    return GenerationChunk(first("text_output", text) or "", first("finish_reason", text) or None,
+                           first("num_input_tokens", int), first("num_output_tokens", int))
+
+
+def _chunk_from_json(payload: dict) -> GenerationChunk:
+    def first(value):
+        return value[0] if isinstance(value, list) else value
+
+    return GenerationChunk(first(payload.get("text_output", "")) or "", first(payload.get("finish_reason")) or None,
+                           first(payload.get("num_input_tokens")), first(payload.get("num_output_tokens")))
+
+
+def _json_body(inputs: Tensors) -> dict:
+    """Ensemble inputs as the JSON body of Triton's generate extension."""
+    body = {}
+    for name, (array, _) in inputs.items():
+        values = [v.decode() if isinstance(v, bytes) else v.item() for v in array.reshape(-1)]
+        body[name] = values if name == "stop_words" else values[0]
+    return body
+
+
+def join_chunks(chunks) -> GenerationChunk:
+    parts = list(chunks)
+    last = parts[-1] if parts else GenerationChunk("")
+    return GenerationChunk("".join(p.text for p in parts), last.finish_reason, last.num_input_tokens,
+                           last.num_output_tokens)
+
+
+# -- sync transport ----------------------------------------------------------------------------
+class Transport:
+    """Streams ensemble requests to Triton from threads (tritonclient), errors classified by status.
+
+    gRPC clients are pooled: one stream per client at a time, but the channel (a TCP connection)
+    outlives the request, which saves its set-up on every call.
+    """
+
+    def __init__(self, url: str | None = None, protocol: str = "grpc", timeout: float = 300.0,
+                 retries: int = 2, retry_backoff: float = 0.2):
         if protocol not in ("grpc", "http"):
             raise ValueError(f"protocol must be grpc or http, got {protocol!r}")
         self.protocol = protocol
         self.url = url or (DEFAULT_GRPC_URL if protocol == "grpc" else DEFAULT_HTTP_URL)
         self.timeout = timeout
+        self.retries = retries
+        self.retry_backoff = retry_backoff
+        self._pool: list = []
+        self._lock = threading.Lock()
 
-    # -- chat ----------------------------------------------------------------------------
-    def generate(
-        self,
-        model: str,
-        prompt: str | None = None,
-        messages: list[dict] | None = None,
-        params: GenerationParams | None = None,
-        stream: bool = False,
-    ) -> Iterator[GenerationChunk]:
-        """Yield the answer's chunks (one chunk when `stream` is False)."""
-        if (prompt is None) == (messages is None):
-            raise ValueError("give exactly one of prompt or messages")
-        inputs = (params or GenerationParams()).tensors()
-        if prompt is not None:
-            inputs["text_input"] = (np.array([[prompt.encode()]], dtype=object), "BYTES")
-        else:
-            inputs["messages"] = (np.array([[json.dumps({"messages": messages}).encode()]], dtype=object), "BYTES")
-        inputs["stream"] = (np.array([[stream]], dtype=bool), "BOOL")
+    def generate(self, model: str, inputs: Tensors, stream: bool) -> Iterator[GenerationChunk]:
+        """Chunks of one request; retried while the server is unavailable and nothing was yielded.
+        Closing the iterator early cancels the request in Triton (gRPC)."""
+        for attempt in range(self.retries + 1):
+            started = False
+            try:
+                chunks = self._grpc(model, inputs) if self.protocol == "grpc" else self._http(model, inputs, stream)
+                for chunk in chunks:
+                    started = True
+                    yield chunk
+                return
+            except ServerUnavailableError:
+                if started or attempt == self.retries:
+                    raise
+                time.sleep(self.retry_backoff * 2 ** attempt)
+
+    def embed(self, model: str, texts: list[str]) -> tuple[np.ndarray, list[int]]:
+        if not texts:
+            raise InvalidRequestError("input must not be empty")
+        array = np.array([[t.encode()] for t in texts], dtype=object)
         if self.protocol == "grpc":
-            yield from self._grpc_stream(model, inputs)
+            import tritonclient.grpc as module
         else:
-            yield from self._http_generate(model, inputs, stream)
+            import tritonclient.http as module
+        from tritonclient.utils import InferenceServerException
 
-    def complete(self, model: str, prompt: str | None = None, messages: list[dict] | None = None,
-                 params: GenerationParams | None = None) -> GenerationChunk:
-        chunks = list(self.generate(model, prompt, messages, params, stream=False))
-        return GenerationChunk(
-            text="".join(c.text for c in chunks),
-            finish_reason=chunks[-1].finish_reason if chunks else None,
-            num_input_tokens=chunks[-1].num_input_tokens if chunks else None,
-            num_output_tokens=chunks[-1].num_output_tokens if chunks else None,
-        )
+        for attempt in range(self.retries + 1):
+            client = self._client() if self.protocol == "grpc" else module.InferenceServerClient(self.url)
+            tensor = module.InferInput("text_input", list(array.shape), "BYTES")
+            tensor.set_data_from_numpy(array)
+            try:
+                result = client.infer(model, [tensor], client_timeout=self.timeout) if self.protocol == "grpc" \
+                    else client.infer(model, [tensor])
+                break
+            except (InferenceServerException, OSError) as exc:
+                error = classify(exc) if isinstance(exc, InferenceServerException) else \
+                    ServerUnavailableError(f"Triton at {self.url} is unreachable: {exc}")
+                if not isinstance(error, ServerUnavailableError) or attempt == self.retries:
+                    raise error from None
+                time.sleep(self.retry_backoff * 2 ** attempt)
+            finally:
+                self._release(client) if self.protocol == "grpc" else client.close()
+        return result.as_numpy("embedding"), result.as_numpy("num_input_tokens").reshape(-1).tolist()
 
-    def _grpc_stream(self, model: str, inputs) -> Iterator[GenerationChunk]:
+    def close(self) -> None:
+        with self._lock:
+            pool, self._pool = self._pool, []
+        for client in pool:
+            client.close()
+
+    def _client(self):
         import tritonclient.grpc as grpcclient
 
+        with self._lock:
+            if self._pool:
+                return self._pool.pop()
+        return grpcclient.InferenceServerClient(self.url)
+
+    def _release(self, client) -> None:
+        with self._lock:
+            self._pool.append(client)
+
+    def _grpc(self, model: str, inputs: Tensors) -> Iterator[GenerationChunk]:
+        import tritonclient.grpc as grpcclient
+        from tritonclient.utils import InferenceServerException
+
         results: queue.Queue = queue.Queue()
-        client = grpcclient.InferenceServerClient(self.url)
+        client = self._client()
         tensors = []
         for name, (array, datatype) in inputs.items():
             tensor = grpcclient.InferInput(name, list(array.shape), datatype)
             tensor.set_data_from_numpy(array)
             tensors.append(tensor)
-        client.start_stream(callback=lambda result, error: results.put((result, error)),
-                            stream_timeout=self.timeout)
-        finished = False
+        finished = healthy = False
         try:
-            client.async_stream_infer(model, tensors, request_id=uuid.uuid4().hex,
-                                      enable_empty_final_response=True)
+            client.start_stream(callback=lambda result, error: results.put((result, error)),
+                                stream_timeout=self.timeout)
+            try:
+                client.async_stream_infer(model, tensors, request_id=uuid.uuid4().hex,
+                                          enable_empty_final_response=True)
+            except InferenceServerException as exc:
+                # A broken stream reports its cause through the callback.
+                try:
+                    raise classify(results.get(timeout=1.0)[1] or exc) from None
+                except queue.Empty:
+                    raise classify(exc) from None
             while True:
                 try:
                     result, error = results.get(timeout=self.timeout)
                 except queue.Empty:
-                    raise EndpointError(f"no response from {model} within {self.timeout:.0f} s") from None
+                    raise ServerUnavailableError(f"no response from {model} within {self.timeout:.0f} s") from None
                 if error is not None:
-                    raise EndpointError(_message(error))
+                    raise classify(error)
                 response = result.get_response()
-                final = response.parameters.get("triton_final_response")
                 if response.outputs:
                     yield _chunk(result.as_numpy)
+                final = response.parameters.get("triton_final_response")
                 if final is not None and final.bool_param:
-                    finished = True
+                    finished = healthy = True
                     return
+        except InferenceServerException as exc:
+            raise classify(exc) from None
         finally:
-            # Closing the stream with a request still running cancels it on the server.
-            client.stop_stream(cancel_requests=not finished)
-            client.close()
+            # Closing the stream with the request still running cancels it on the server.
+            try:
+                client.stop_stream(cancel_requests=not finished)
+            except Exception:  # a broken channel: drop the client rather than pool it
+                healthy = False
+            if healthy:
+                self._release(client)
+            else:
+                client.close()
 
-    def _http_generate(self, model: str, inputs, stream: bool) -> Iterator[GenerationChunk]:
+    def _http(self, model: str, inputs: Tensors, stream: bool) -> Iterator[GenerationChunk]:
         import urllib.error
         import urllib.request
 
-        body = {}
-        for name, (array, _) in inputs.items():
-            values = [v.decode() if isinstance(v, bytes) else v.item() for v in array.reshape(-1)]
-            body[name] = values if name == "stop_words" else values[0]
         route = "generate_stream" if stream else "generate"
-        request = urllib.request.Request(
-            f"http://{self.url}/v2/models/{model}/{route}",
-            data=json.dumps(body).encode(),
-            headers={"Content-Type": "application/json"},
-        )
+        request = urllib.request.Request(f"http://{self.url}/v2/models/{model}/{route}",
+                                         data=json.dumps(_json_body(inputs)).encode(),
+                                         headers={"Content-Type": "application/json"})
         try:
             with urllib.request.urlopen(request, timeout=self.timeout) as response:
                 if not stream:
@@ -159,64 +320,230 @@ class TritonEndpoints:
                     if line.startswith(b"data:"):
                         payload = json.loads(line[5:])
                         if "error" in payload:
-                            raise EndpointError(payload["error"])
+                            raise InvalidRequestError(payload["error"])
                         yield _chunk_from_json(payload)
         except urllib.error.HTTPError as exc:
-            raise EndpointError(_http_error_message(exc)) from None
+            raise _by_status(exc.code, _http_error_message(exc.read())) from None
+        except (urllib.error.URLError, ConnectionError, TimeoutError) as exc:
+            raise ServerUnavailableError(f"Triton at {self.url} is unreachable: {exc}") from None
 
-    # -- embeddings ------------------------------------------------------------------------
-    def embed(self, model: str, texts: list[str]) -> tuple[np.ndarray, list[int]]:
-        """(vectors [n, dim], token counts) for `texts`."""
-        if not texts:
-            raise ValueError("texts must not be empty")
-        array = np.array([[t.encode()] for t in texts], dtype=object)
-        if self.protocol == "grpc":
-            import tritonclient.grpc as client_module
+
+def _http_error_message(body: bytes) -> str:
+    try:
+        return json.loads(body).get("error") or body.decode(errors="replace")
+    except (ValueError, AttributeError):
+        return body.decode(errors="replace")
+
+
+# -- asyncio transport ---------------------------------------------------------------------------
+def _infer_request(model: str, inputs: Tensors, streamed: bool):
+    """A ModelInferRequest of Triton's gRPC service (what tritonclient builds, without its wrappers)."""
+    from tritonclient.grpc import service_pb2
+    from tritonclient.utils import serialize_byte_tensor
+
+    request = service_pb2.ModelInferRequest(model_name=model, id=uuid.uuid4().hex)
+    for name, (array, datatype) in inputs.items():
+        tensor = request.inputs.add()
+        tensor.name, tensor.datatype = name, datatype
+        tensor.shape.extend(array.shape)
+        if datatype == "BYTES":
+            serialized = serialize_byte_tensor(array)
+            request.raw_input_contents.append(serialized.item() if serialized.size else b"")
         else:
-            import tritonclient.http as client_module
+            request.raw_input_contents.append(np.ascontiguousarray(array).tobytes())
+    if streamed:
+        # Decoupled models may end with a flag and no response: ask Triton for an empty final one.
+        request.parameters["triton_enable_empty_final_response"].bool_param = True
+    return request
+
+
+class AsyncTransport:
+    """The asyncio twin of `Transport`: one gRPC channel (grpc.aio, Triton's service stubs) or one
+    aiohttp session per event loop, reused by every request. Leaving a `generate` iteration early
+    (break, aclose, task cancellation) cancels the request in Triton."""
+
+    def __init__(self, url: str | None = None, protocol: str = "grpc", timeout: float = 300.0,
+                 retries: int = 2, retry_backoff: float = 0.2):
+        if protocol not in ("grpc", "http"):
+            raise ValueError(f"protocol must be grpc or http, got {protocol!r}")
+        self.protocol = protocol
+        self.url = url or (DEFAULT_GRPC_URL if protocol == "grpc" else DEFAULT_HTTP_URL)
+        self.timeout = timeout
+        self.retries = retries
+        self.retry_backoff = retry_backoff
+        self._loop = None
+        self._channel = self._stub = self._session = None
+
+    def _connect(self):
+        loop = asyncio.get_running_loop()
+        if self._loop is not loop:  # channels and sessions belong to the loop that made them
+            self._loop, self._channel, self._stub, self._session = loop, None, None, None
+            if self.protocol == "grpc":
+                import grpc
+                from tritonclient.grpc import service_pb2_grpc
+                from tritonclient.grpc._client import MAX_GRPC_MESSAGE_SIZE
+
+                self._channel = grpc.aio.insecure_channel(self.url, options=[
+                    ("grpc.max_send_message_length", MAX_GRPC_MESSAGE_SIZE),
+                    ("grpc.max_receive_message_length", MAX_GRPC_MESSAGE_SIZE)])
+                self._stub = service_pb2_grpc.GRPCInferenceServiceStub(self._channel)
+            else:
+                import aiohttp
+
+                self._session = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=self.timeout))
+        return self._stub if self.protocol == "grpc" else self._session
+
+    async def generate(self, model: str, inputs: Tensors, stream: bool) -> AsyncIterator[GenerationChunk]:
+        """Chunks of one request; retried while the server is unavailable and nothing was yielded."""
+        for attempt in range(self.retries + 1):
+            started = False
+            chunks = self._grpc(model, inputs) if self.protocol == "grpc" else self._http(model, inputs, stream)
+            try:
+                async for chunk in chunks:
+                    started = True
+                    yield chunk
+                return
+            except ServerUnavailableError:
+                if started or attempt == self.retries:
+                    raise
+            finally:
+                await chunks.aclose()
+            await asyncio.sleep(self.retry_backoff * 2 ** attempt)
+
+    async def complete(self, model: str, inputs: Tensors) -> GenerationChunk:
+        return join_chunks([chunk async for chunk in self.generate(model, inputs, stream=False)])
+
+    async def embed(self, model: str, texts: list[str]) -> tuple[np.ndarray, list[int]]:
+        if not texts:
+            raise InvalidRequestError("input must not be empty")
+        array = np.array([[t.encode()] for t in texts], dtype=object)
+        for attempt in range(self.retries + 1):
+            try:
+                if self.protocol == "grpc":
+                    return await self._grpc_infer(model, {"text_input": (array, "BYTES")})
+                return await self._http_infer(model, texts)
+            except ServerUnavailableError:
+                if attempt == self.retries:
+                    raise
+            await asyncio.sleep(self.retry_backoff * 2 ** attempt)
+        raise AssertionError("unreachable")
+
+    async def close(self) -> None:
+        channel, session = self._channel, self._session
+        self._loop = self._channel = self._stub = self._session = None
+        if channel is not None:
+            await channel.close()
+        if session is not None:
+            await session.close()
+
+    async def _grpc(self, model: str, inputs: Tensors) -> AsyncIterator[GenerationChunk]:
+        import grpc
+        from tritonclient.grpc import InferResult
         from tritonclient.utils import InferenceServerException
 
-        client = client_module.InferenceServerClient(self.url)
-        tensor = client_module.InferInput("text_input", list(array.shape), "BYTES")
-        tensor.set_data_from_numpy(array)
+        call = self._connect().ModelStreamInfer(timeout=self.timeout)
+        finished = False
         try:
-            result = client.infer(model, [tensor])
-        except InferenceServerException as exc:
-            raise EndpointError(_message(exc)) from None
+            await call.write(_infer_request(model, inputs, streamed=True))
+            while True:
+                response = await call.read()
+                if response is grpc.aio.EOF:
+                    raise ServerUnavailableError(f"the stream of {model} ended without a final response")
+                if response.error_message:
+                    raise classify(InferenceServerException(msg=response.error_message))
+                infer = response.infer_response
+                if infer.outputs:
+                    yield _chunk(InferResult(infer).as_numpy)
+                final = infer.parameters.get("triton_final_response")
+                if final is not None and final.bool_param:
+                    finished = True
+                    return
+        except grpc.RpcError as exc:
+            raise _rpc_error(exc, self.url) from None
         finally:
-            client.close()
+            # Cancelling the RPC with the request still running cancels it on the server.
+            if finished:
+                await call.done_writing()
+            else:
+                call.cancel()
+
+    async def _grpc_infer(self, model: str, inputs: Tensors) -> tuple[np.ndarray, list[int]]:
+        import grpc
+        from tritonclient.grpc import InferResult
+
+        try:
+            response = await self._connect().ModelInfer(_infer_request(model, inputs, streamed=False),
+                                                        timeout=self.timeout)
+        except grpc.RpcError as exc:
+            raise _rpc_error(exc, self.url) from None
+        result = InferResult(response)
         return result.as_numpy("embedding"), result.as_numpy("num_input_tokens").reshape(-1).tolist()
 
+    async def _http(self, model: str, inputs: Tensors, stream: bool) -> AsyncIterator[GenerationChunk]:
+        import aiohttp
 
-def _chunk(as_numpy) -> GenerationChunk:
-    def first(name, cast):
-        value = as_numpy(name)
-        return None if value is None or value.size == 0 else cast(value.reshape(-1)[0])
+        route = "generate_stream" if stream else "generate"
+        try:
+            async with self._connect().post(f"http://{self.url}/v2/models/{model}/{route}",
+                                            json=_json_body(inputs)) as response:
+                if response.status >= 400:
+                    raise _by_status(response.status, _http_error_message(await response.read()))
+                if not stream:
+                    yield _chunk_from_json(json.loads(await response.read()))
+                    return
+                async for line in response.content:
+                    line = line.strip()
+                    if line.startswith(b"data:"):
+                        payload = json.loads(line[5:])
+                        if "error" in payload:
+                            raise InvalidRequestError(payload["error"])
+                        yield _chunk_from_json(payload)
+        except (aiohttp.ClientConnectionError, asyncio.TimeoutError) as exc:
+            raise ServerUnavailableError(f"Triton at {self.url} is unreachable: {exc!r}") from None
 
-    text = first("text_output", lambda v: v.decode() if isinstance(v, bytes) else str(v)) or ""
-    reason = first("finish_reason", lambda v: v.decode() if isinstance(v, bytes) else str(v))
-    return GenerationChunk(text, reason or None, first("num_input_tokens", int), first("num_output_tokens", int))
+    async def _http_infer(self, model: str, texts: list[str]) -> tuple[np.ndarray, list[int]]:
+        import aiohttp
+
+        body = {"inputs": [{"name": "text_input", "shape": [len(texts), 1], "datatype": "BYTES", "data": texts}]}
+        try:
+            async with self._connect().post(f"http://{self.url}/v2/models/{model}/infer", json=body) as response:
+                payload = await response.read()
+                if response.status >= 400:
+                    raise _by_status(response.status, _http_error_message(payload))
+        except (aiohttp.ClientConnectionError, asyncio.TimeoutError) as exc:
+            raise ServerUnavailableError(f"Triton at {self.url} is unreachable: {exc!r}") from None
+        outputs = {o["name"]: o for o in json.loads(payload)["outputs"]}
+        vectors = np.array(outputs["embedding"]["data"], dtype=np.float32).reshape(outputs["embedding"]["shape"])
+        return vectors, [int(c) for c in outputs["num_input_tokens"]["data"]]
 
 
-def _chunk_from_json(payload: dict) -> GenerationChunk:
-    def first(value):
-        return value[0] if isinstance(value, list) else value
+def _rpc_error(exc, url: str) -> PlateformeError:
+    import grpc
 
-    return GenerationChunk(
-        text=first(payload.get("text_output", "")) or "",
-        finish_reason=first(payload.get("finish_reason")) or None,
-        num_input_tokens=first(payload.get("num_input_tokens")),
-        num_output_tokens=first(payload.get("num_output_tokens")),
-    )
+    if exc.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
+        return ServerUnavailableError(f"Triton at {url}: {exc.details() or exc.code().name}")
+    return classify(exc)
 
 
-def _message(error) -> str:
-    message = error.message() if hasattr(error, "message") and callable(error.message) else str(error)
-    return message or str(error)
+# -- plain calls (CLI, demo) ---------------------------------------------------------------------
+class TritonEndpoints:
+    """Chat and embedding calls against one Triton server, over `Transport`."""
 
+    def __init__(self, url: str | None = None, protocol: str = "grpc", timeout: float = 300.0):
+        self.transport = Transport(url, protocol, timeout)
+        self.protocol, self.url, self.timeout = self.transport.protocol, self.transport.url, timeout
 
-def _http_error_message(exc) -> str:
-    try:
-        return json.loads(exc.read()).get("error", str(exc))
-    except (ValueError, AttributeError):
-        return str(exc)
+    def generate(self, model: str, prompt: str | None = None, messages: list[dict] | None = None,
+                 params: GenerationParams | None = None, stream: bool = False) -> Iterator[GenerationChunk]:
+        """Yield the answer's chunks (one chunk when `stream` is False)."""
+        messages_json = None if messages is None else json.dumps({"messages": messages})
+        inputs = chat_tensors(params, prompt, messages_json, stream)
+        return self.transport.generate(model, inputs, stream)
+
+    def complete(self, model: str, prompt: str | None = None, messages: list[dict] | None = None,
+                 params: GenerationParams | None = None) -> GenerationChunk:
+        return join_chunks(self.generate(model, prompt, messages, params, stream=False))
+
+    def embed(self, model: str, texts: list[str]) -> tuple[np.ndarray, list[int]]:
+        """(vectors [n, dim], token counts) for `texts`."""
+        return self.transport.embed(model, texts)

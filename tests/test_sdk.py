@@ -152,3 +152,111 @@ def test_registry_lists_only_served_endpoints(server):
     assert "smollm2" in endpoints and not any(name.endswith(("-engine", "-bls", "-preprocessing")) for name in endpoints)
     http = {e.id for e in Registry(server.http_url, protocol="http").endpoints()}
     assert http == set(endpoints)
+
+
+# -- asyncio, penalties, cancellation --------------------------------------------------------
+@needs_server
+@pytest.mark.parametrize("protocol", ["grpc", "http"])
+def test_async_client_matches_the_sync_one(server, protocol):
+    import asyncio
+
+    url = server.grpc_url if protocol == "grpc" else server.http_url
+    kwargs = dict(model="smollm2", messages=QUESTION, temperature=0.0, max_tokens=12)
+    with PlateformeClient(url, protocol=protocol) as sync:
+        expected = sync.chat.complete(**kwargs).choices[0].message.content
+        expected_vectors = [d.embedding for d in sync.embeddings.create(model="mistral-embed", inputs=["a", "b"]).data]
+
+    async def run():
+        async with PlateformeClient(url, protocol=protocol) as client:
+            # Concurrent calls on one channel / session.
+            answers = await asyncio.gather(*[client.chat.complete_async(**kwargs) for _ in range(3)])
+            stream = await client.chat.stream_async(**kwargs)
+            events = [event async for event in stream]
+            embedded = await client.embeddings.create_async(model="mistral-embed", inputs=["a", "b"])
+            with pytest.raises(ModelNotFoundError):  # raised when the stream is opened, as mistralai does
+                await client.chat.stream_async(model="no-such-model", messages=QUESTION)
+            return answers, events, embedded
+
+    answers, events, embedded = asyncio.run(run())
+    assert [a.choices[0].message.content for a in answers] == [expected] * 3
+    assert answers[0].usage.completion_tokens > 0
+    assert "".join(e.data.choices[0].delta.content or "" for e in events) == expected
+    assert events[-1].data.usage.completion_tokens == answers[0].usage.completion_tokens
+    assert all(abs(x - y) < 1e-5 for got, want in zip([d.embedding for d in embedded.data], expected_vectors)
+               for x, y in zip(got, want))
+
+
+@needs_server
+def test_penalties_reach_the_engine(server):
+    client = PlateformeClient(server.grpc_url)
+    kwargs = dict(model="smollm2", messages=[{"role": "user", "content": "Write the word 'la' thirty times, "
+                                                                       "separated by spaces."}],
+                  temperature=0.0, max_tokens=40)
+    plain = client.chat.complete(**kwargs).choices[0].message.content
+    penalised = client.chat.complete(**kwargs, frequency_penalty=2.0).choices[0].message.content
+    present = client.chat.complete(**kwargs, presence_penalty=2.0).choices[0].message.content
+    assert penalised != plain and present != plain
+
+    def repeated_share(text):  # the share of words that came before
+        words = re.findall(r"\w+", text.lower())
+        return 1 - len(set(words)) / max(len(words), 1)
+
+    assert repeated_share(plain) > 0.5, plain  # greedy decoding repeats itself here
+    assert repeated_share(penalised) < repeated_share(plain) - 0.2, (plain, penalised)
+
+
+def _gauge(server, model="mistral-tiny-engine"):
+    from triton_helpers import metric
+
+    return metric(server, "plateforme_engine_active_sequences", model)
+
+
+def wait_for_idle_engine(server, model="mistral-tiny-engine", timeout=30.0):
+    import time
+
+    deadline = time.monotonic() + timeout
+    while _gauge(server, model) != 0:
+        assert time.monotonic() < deadline, f"{model} still has {_gauge(server, model)} active sequences"
+        time.sleep(0.1)
+
+
+@needs_server
+def test_leaving_a_stream_cancels_it_in_triton(server):
+    import asyncio
+
+    long = dict(model="mistral-tiny", messages=[{"role": "user", "content": "Talk."}], max_tokens=200,
+                temperature=1.0, random_seed=1)
+    with PlateformeClient(server.grpc_url) as client:
+        for i, event in enumerate(client.chat.stream(**long)):  # sync: break out of the loop
+            if i == 3:
+                assert _gauge(server) == 1
+                break
+        wait_for_idle_engine(server)
+        with client.chat.stream(**long) as events:  # sync: leave a with block
+            next(events), next(events)
+        wait_for_idle_engine(server)
+
+        async def leave_async():
+            async with PlateformeClient(server.grpc_url) as aclient:
+                stream = await aclient.chat.stream_async(**long)
+                async for _ in stream:
+                    break
+                assert _gauge(server) == 1
+                await stream.close()
+                await asyncio.sleep(0)
+                wait_for_idle_engine(server)
+                task = asyncio.ensure_future(_drain(await aclient.chat.stream_async(**long)))  # task cancelled
+                await asyncio.sleep(0.3)
+                task.cancel()
+                with pytest.raises(asyncio.CancelledError):
+                    await task
+
+        asyncio.run(leave_async())
+        wait_for_idle_engine(server)
+        after = client.chat.complete(**{**long, "max_tokens": 5})
+        assert after.usage.completion_tokens == 5 and after.choices[0].finish_reason == "length"
+
+
+async def _drain(stream):
+    async for _ in stream:
+        pass
