@@ -180,6 +180,62 @@ def test_triton_down_is_503():
         thread.join(10)
 
 
+TIME_TOOL = {"type": "function", "function": {
+    "name": "get_time", "parameters": {"type": "object", "properties": {"tz": {"enum": ["CET", "UTC"]}},
+                                       "required": ["tz"]}}}
+
+
+def test_tool_choice_modes(http):
+    base = {"model": "mistral-tiny", "messages": [{"role": "user", "content": "Weather?"}], "max_tokens": 64,
+            "tools": [WEATHER_TOOL, TIME_TOOL], "random_seed": 0}
+    named = http.post("/v1/chat/completions", json={
+        **base, "tool_choice": {"type": "function", "function": {"name": "get_time"}}}).json()["choices"][0]
+    assert named["finish_reason"] == "tool_calls"
+    assert {c["function"]["name"] for c in named["message"]["tool_calls"]} == {"get_time"}
+    assert all(len(c["id"]) == 9 and c["id"].isalnum() for c in named["message"]["tool_calls"])
+    single = http.post("/v1/chat/completions", json={**base, "tool_choice": "any", "parallel_tool_calls": False})
+    assert len(single.json()["choices"][0]["message"]["tool_calls"]) == 1
+    none = http.post("/v1/chat/completions", json={**base, "tool_choice": "none", "max_tokens": 1}).json()
+    plain = http.post("/v1/chat/completions", json={**base, "tools": None, "max_tokens": 1}).json()
+    assert none["usage"]["prompt_tokens"] == plain["usage"]["prompt_tokens"]  # the tools are hidden
+    auto = http.post("/v1/chat/completions", json={**base, "tool_choice": "auto", "max_tokens": 1}).json()
+    assert auto["usage"]["prompt_tokens"] > plain["usage"]["prompt_tokens"] + 20
+    # Streamed, a call comes as one tool_calls delta with finish_reason tool_calls.
+    with http.stream("POST", "/v1/chat/completions", json={**base, "tool_choice": "required", "stream": True}) as r:
+        chunks = [json.loads(line[6:]) for line in r.iter_lines() if line.startswith("data: {")]
+    last = chunks[-1]["choices"][0]
+    assert last["finish_reason"] == "tool_calls" and last["delta"]["tool_calls"][0]["function"]["name"]
+
+
+def test_penalties_are_forwarded(http):
+    body = {"model": "smollm2", "max_tokens": 40, "temperature": 0.0,
+            "messages": [{"role": "user", "content": "Write the word 'la' thirty times, separated by spaces."}]}
+    plain = http.post("/v1/chat/completions", json=body).json()["choices"][0]["message"]["content"]
+    penalised = http.post("/v1/chat/completions", json={**body, "frequency_penalty": 2.0}).json()
+    assert penalised["choices"][0]["message"]["content"] != plain
+    present = http.post("/v1/chat/completions", json={**body, "presence_penalty": 2.0}).json()
+    assert present["choices"][0]["message"]["content"] != plain
+
+
+def test_client_leaving_a_stream_cancels_it_in_triton(server, http):
+    from test_sdk import _gauge, wait_for_idle_engine
+
+    body = {"model": "mistral-tiny", "messages": [{"role": "user", "content": "Talk."}], "max_tokens": 200,
+            "temperature": 1.0, "random_seed": 2, "stream": True}
+    for _ in range(2):
+        with httpx.Client(base_url=str(http.base_url), timeout=60) as client:  # its own connection, to drop
+            with client.stream("POST", "/v1/chat/completions", json=body) as response:
+                lines = response.iter_lines()
+                assert next(lines).startswith("data: ") and next(l for l in lines if l.startswith("data: "))
+                assert _gauge(server) == 1
+        # The connection is gone: the gateway cancels its Triton stream and the engine frees the slot.
+        wait_for_idle_engine(server)
+    done = http.post("/v1/chat/completions", json={**body, "stream": False, "max_tokens": 4}).json()
+    assert done["usage"]["completion_tokens"] == 4
+    metrics = http.get("/metrics").text
+    assert 'plateforme_gateway_requests_total{model="mistral-tiny",route="chat",status="499"}' in metrics
+
+
 # -- fuzz and load ---------------------------------------------------------------------------
 _json = st.recursive(st.none() | st.booleans() | st.integers(-2**70, 2**70) | st.floats(allow_nan=False, allow_infinity=False)
                      | st.text(max_size=8), lambda inner: st.lists(inner, max_size=3)
@@ -233,9 +289,10 @@ def test_32_concurrent_streams_stay_apart(http):
     assert all(len(ids) == 1 for ids, _, _, _ in results)
     assert len({next(iter(ids)) for ids, _, _, _ in results}) == 32  # no chunk crossed into another stream
     assert all(reason in ("stop", "length") and usage["completion_tokens"] >= 1 for _, _, reason, usage in results)
-    # Each stream's text is the answer to its own request: replay one without streaming.
-    i = 7
-    replay = http.post("/v1/chat/completions", json={
-        "model": "mistral-tiny", "messages": [{"role": "user", "content": f"stream {i}"}], "max_tokens": 12,
-        "temperature": 1.0, "random_seed": i}).json()
-    assert replay["choices"][0]["message"]["content"] == results[i][1]
+    assert len({text for _, text, _, _ in results}) > 16  # different seeds and prompts, different answers
+    # Each stream's text is the answer to its own request: replay some without streaming.
+    for i in (0, 7, 19, 31):
+        replay = http.post("/v1/chat/completions", json={
+            "model": "mistral-tiny", "messages": [{"role": "user", "content": f"stream {i}"}], "max_tokens": 12,
+            "temperature": 1.0, "random_seed": i}).json()
+        assert replay["choices"][0]["message"]["content"] == results[i][1]
