@@ -7,6 +7,7 @@ from torch import nn
 
 from .batch import BatchPlan, batched_attention
 from .cache import KVCache
+from .packing import PackedWeight, linear
 from .rope import apply_rotary
 
 
@@ -46,6 +47,7 @@ class Attention(nn.Module):
         self.wo = nn.Linear(n_heads * head_dim, dim, bias=False)
         # [wq; wk; wv] in one tensor once fuse() ran; the three weights are then views into it.
         self.wqkv: torch.Tensor | None = None
+        self.packed: dict[str, PackedWeight] = {}  # "wqkv", "wo": see pack()
 
     def fuse(self) -> None:
         """One matmul for q, k and v instead of three: the same dot products, fewer passes over x."""
@@ -55,12 +57,21 @@ class Attention(nn.Module):
         self.wq.weight.data, self.wk.weight.data, self.wv.weight.data = fused[:q], fused[q : q + kv], fused[q + kv :]
         self.wqkv = fused
 
+    def pack(self) -> None:
+        """oneDNN-prepacked copies of the fused q/k/v weight and of wo (CPU float32)."""
+        if self.wqkv is not None:
+            self.packed["wqkv"] = PackedWeight(self.wqkv)
+        self.packed["wo"] = PackedWeight(self.wo.weight)
+
+    def _out(self, attended: torch.Tensor) -> torch.Tensor:
+        return linear(attended, self.wo.weight, self.packed.get("wo"))
+
     def _qkv(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
         n_tokens = x.shape[0]
         # The fused weight serves only while wq still points into it (not after a reload or a move).
         if self.wqkv is not None and self.wqkv.data_ptr() == self.wq.weight.data_ptr():
             kv = self.n_kv_heads * self.head_dim
-            q, k, v = F.linear(x, self.wqkv).split([self.n_heads * self.head_dim, kv, kv], dim=-1)
+            q, k, v = linear(x, self.wqkv, self.packed.get("wqkv")).split([self.n_heads * self.head_dim, kv, kv], dim=-1)
         else:
             q, k, v = self.wq(x), self.wk(x), self.wv(x)
         q = q.view(n_tokens, self.n_heads, self.head_dim)
@@ -72,7 +83,7 @@ class Attention(nn.Module):
                       layer: int) -> torch.Tensor:
         """``x`` [N, dim]: the step's tokens of every sequence in ``plan``, flattened."""
         out = batched_attention(*self._qkv(x, cos, sin), plan, layer)
-        return self.wo(out.reshape(x.shape[0], self.n_heads * self.head_dim))
+        return self._out(out.reshape(x.shape[0], self.n_heads * self.head_dim))
 
     def forward(
         self,
@@ -97,4 +108,4 @@ class Attention(nn.Module):
         out = F.scaled_dot_product_attention(
             q.transpose(0, 1)[None], keys[None], values[None], attn_mask=mask, enable_gqa=True
         )
-        return self.wo(out[0].transpose(0, 1).reshape(n_tokens, self.n_heads * self.head_dim))
+        return self._out(out[0].transpose(0, 1).reshape(n_tokens, self.n_heads * self.head_dim))

@@ -10,6 +10,7 @@ from .attention import Attention, attention_mask, key_start
 from .batch import BatchPlan, Segment, SlotKVCache
 from .cache import KVCache
 from .moe import MoeLayer
+from .packing import PackedWeight, linear, packing_available
 from .rope import rope_cos_sin
 
 
@@ -36,6 +37,7 @@ class FeedForward(nn.Module):
         self.w3 = nn.Linear(dim, hidden_dim, bias=False)
         # [w1; w3] in one tensor once fuse() ran; w1 and w3 are then views into it.
         self.w13: torch.Tensor | None = None
+        self.packed: dict[str, PackedWeight] = {}  # "w13", "w2": see pack()
 
     def fuse(self) -> None:
         """One matmul for gate and up instead of two."""
@@ -45,11 +47,19 @@ class FeedForward(nn.Module):
         self.w1.weight.data, self.w3.weight.data = fused[:hidden], fused[hidden:]
         self.w13 = fused
 
+    def pack(self) -> None:
+        """oneDNN-prepacked copies of the fused gate/up weight and of w2 (CPU float32)."""
+        if self.w13 is not None:
+            self.packed["w13"] = PackedWeight(self.w13)
+        self.packed["w2"] = PackedWeight(self.w2.weight)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.w13 is not None and self.w13.data_ptr() == self.w1.weight.data_ptr():
-            gate, up = F.linear(x, self.w13).chunk(2, dim=-1)
-            return self.w2(F.silu(gate) * up)
-        return self.w2(F.silu(self.w1(x)) * self.w3(x))
+            gate, up = linear(x, self.w13, self.packed.get("w13")).chunk(2, dim=-1)
+            hidden = F.silu(gate) * up
+        else:
+            hidden = F.silu(self.w1(x)) * self.w3(x)
+        return linear(hidden, self.w2.weight, self.packed.get("w2"))
 
 
 class TransformerBlock(nn.Module):
@@ -97,6 +107,7 @@ class Transformer(nn.Module):
         self.norm = RMSNorm(args.dim, args.norm_eps)
         # With tied embeddings the loader points output.weight at tok_embeddings.weight.
         self.output = nn.Linear(args.dim, args.vocab_size, bias=False)
+        self.packed_output: PackedWeight | None = None
 
     @property
     def dtype(self) -> torch.dtype:
@@ -142,11 +153,25 @@ class Transformer(nn.Module):
             if isinstance(layer.feed_forward, FeedForward):
                 layer.feed_forward.fuse()
 
+    def pack_weights(self) -> bool:
+        """oneDNN-prepacked copies of the dense layers' weights and of the output projection, on CPU in
+        float32 (see packing.py); False (nothing done) elsewhere. MoE experts keep their own path."""
+        if not packing_available(self.dtype, self.device):
+            return False
+        for layer in self.layers:
+            layer.attention.pack()
+            if isinstance(layer.feed_forward, FeedForward):
+                layer.feed_forward.pack()
+        self.packed_output = PackedWeight(self.output.weight)
+        return True
+
     def logits(self, h: torch.Tensor) -> torch.Tensor:
         """Float32 logits of the normed hidden states ``h`` [M, dim].
 
-        Computed as weight @ h.T: for a few rows against a vocabulary-sized weight, MKL runs this
-        orientation markedly faster than h @ weight.T, with the same dot products."""
+        Unpacked, computed as weight @ h.T: for a few rows against a vocabulary-sized weight, MKL runs
+        this orientation markedly faster than h @ weight.T, with the same dot products."""
+        if self.packed_output is not None and self.packed_output.serves(self.output.weight):
+            return self.packed_output(h).float()
         return torch.mm(self.output.weight, h.t()).t().float()
 
     def forward(
@@ -179,4 +204,4 @@ class Transformer(nn.Module):
             h = layer(h, cos, sin, mask, start_pos, first_key, cache, i)
         if last_only:
             h = h[-1:]
-        return self.output(self.norm(h)).float()
+        return self.logits(self.norm(h))

@@ -129,4 +129,5 @@ def load_model(
     if args.tie_embeddings:
         model.output.weight = model.tok_embeddings.weight
     model.fuse_projections()
+    model.pack_weights()
     return model.eval().requires_grad_(False)
