@@ -170,13 +170,9 @@ def create_app(config: GatewayConfig | None = None) -> FastAPI:
     app.state.config, app.state.transport, app.state.registry = config, transport, registry
     open_paths = {"/health", "/metrics", "/docs", "/openapi.json"}
 
-    @app.middleware("http")
-    async def authenticate(request: Request, call_next):
-        if config.api_keys and request.url.path not in open_paths:
-            scheme, _, key = request.headers.get("authorization", "").partition(" ")
-            if scheme.lower() != "bearer" or key.strip() not in config.api_keys:
-                return error_response(401, "missing or invalid API key (Authorization: Bearer <key>)")
-        return await call_next(request)
+    if config.api_keys:
+        # A plain ASGI middleware: Starlette's BaseHTTPMiddleware costs a task and a stream per request.
+        app.add_middleware(_Authenticate, keys=config.api_keys, open_paths=open_paths)
 
     @app.exception_handler(RequestValidationError)
     async def invalid_body(request: Request, exc: RequestValidationError):
@@ -281,6 +277,22 @@ def create_app(config: GatewayConfig | None = None) -> FastAPI:
         return Response(response.model_dump_json(), media_type="application/json")
 
     return app
+
+
+class _Authenticate:
+    """401 unless `Authorization: Bearer <key>` carries one of `keys` (paths in `open_paths` are open)."""
+
+    def __init__(self, app, keys: frozenset[str], open_paths: set[str]):
+        self.app, self.keys, self.open_paths = app, keys, open_paths
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] == "http" and scope["path"] not in self.open_paths:
+            header = dict(scope["headers"]).get(b"authorization", b"").decode("latin-1")
+            scheme, _, key = header.partition(" ")
+            if scheme.lower() != "bearer" or key.strip() not in self.keys:
+                response = error_response(401, "missing or invalid API key (Authorization: Bearer <key>)")
+                return await response(scope, receive, send)
+        return await self.app(scope, receive, send)
 
 
 def _model_card(endpoint: Endpoint) -> dict:

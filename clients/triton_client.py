@@ -445,6 +445,9 @@ class AsyncTransport:
         finished = False
         try:
             await call.write(_infer_request(model, inputs, streamed=True))
+            # One request per stream: closing the sending side now lets Triton end the RPC with the
+            # last response (no closing exchange afterwards); responses still come.
+            await call.done_writing()
             while True:
                 response = await call.read()
                 if response is grpc.aio.EOF:
@@ -462,9 +465,7 @@ class AsyncTransport:
             raise _rpc_error(exc, self.url) from None
         finally:
             # Cancelling the RPC with the request still running cancels it on the server.
-            if finished:
-                await call.done_writing()
-            else:
+            if not finished:
                 call.cancel()
 
     async def _grpc_infer(self, model: str, inputs: Tensors) -> tuple[np.ndarray, list[int]]:
