@@ -26,8 +26,6 @@ import time
 import uuid
 from pathlib import Path
 
-import numpy as np
-
 sys.path.insert(0, str(Path(__file__).parent))
 from results import record  # noqa: E402
 

@@ -8,6 +8,7 @@ the gateway. No torch, no models: only the wire.
 """
 from __future__ import annotations
 
+import asyncio
 import json
 import random
 import re
@@ -515,6 +516,42 @@ class Embeddings:
         return embedding_response(model, vectors, counts, encoding_format)
 
 
+class ModelCard(BaseModel):
+    id: str
+    object: Literal["model"] = "model"
+    created: int = 0
+    owned_by: str = "plateforme"
+    root: str | None = None
+
+
+class ModelList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[ModelCard]
+
+
+class Models:
+    """`client.models`: list / retrieve (and `_async`): the endpoints the server actually serves."""
+
+    def __init__(self, client: "PlateformeClient"):
+        self._client = client
+
+    def list(self) -> ModelList:
+        return ModelList(data=[ModelCard(id=e.id, created=e.created, root=e.model)
+                               for e in self._client.registry.endpoints()])
+
+    def retrieve(self, *, model_id: str) -> ModelCard:
+        endpoint = self._client.registry.get(model_id)
+        if endpoint is None:
+            raise ModelNotFoundError(f"model {model_id!r} is not served here")
+        return ModelCard(id=endpoint.id, created=endpoint.created, root=endpoint.model)
+
+    async def list_async(self) -> ModelList:
+        return await asyncio.to_thread(self.list)
+
+    async def retrieve_async(self, *, model_id: str) -> ModelCard:
+        return await asyncio.to_thread(self.retrieve, model_id=model_id)
+
+
 class PlateformeClient:
     """`mistralai.Mistral`-shaped client of a Triton server: `.chat.complete`, `.chat.stream`,
     `.embeddings.create` and their `_async` twins (asyncio), over gRPC (default) or HTTP. Public
@@ -525,8 +562,18 @@ class PlateformeClient:
     def __init__(self, url: str | None = None, protocol: str = "grpc", timeout: float = 300.0, retries: int = 2):
         self.transport = Transport(url, protocol, timeout, retries)
         self.async_transport = AsyncTransport(url, protocol, timeout, retries)
+        self._registry = None
         self.chat = Chat(self)
         self.embeddings = Embeddings(self)
+        self.models = Models(self)
+
+    @property
+    def registry(self):
+        from plateforme.clients.registry import Registry
+
+        if self._registry is None:
+            self._registry = Registry(self.transport.url, self.transport.protocol)
+        return self._registry
 
     def resolve(self, model: str) -> str:
         from plateforme.clients.registry import ALIASES

@@ -152,6 +152,12 @@ def test_registry_lists_only_served_endpoints(server):
     assert "smollm2" in endpoints and not any(name.endswith(("-engine", "-bls", "-preprocessing")) for name in endpoints)
     http = {e.id for e in Registry(server.http_url, protocol="http").endpoints()}
     assert http == set(endpoints)
+    # client.models, as in mistralai
+    client = PlateformeClient(server.grpc_url)
+    assert {m.id for m in client.models.list().data} == set(endpoints)
+    assert client.models.retrieve(model_id="open-mixtral-8x7b").root == "mistral-small"
+    with pytest.raises(ModelNotFoundError):
+        client.models.retrieve(model_id="mistral-medium")
 
 
 # -- asyncio, penalties, cancellation --------------------------------------------------------
