@@ -204,7 +204,7 @@ def _build(root: Path, name: str, reporter: _Reporter) -> None:
         (MINILM_MODEL if name == "minilm-embed" else SMOLLM2_GGUF).locate()
     task = reporter.task(name)
     start = time.monotonic()
-    with atomic_directory(root / name) as tmp, _quiet_transformers():
+    with atomic_directory(root / name) as tmp, quiet_transformers():
         digest = build(tmp, task)
         task.step("writing marker")
         _write_marker(tmp, name, source, digest, time.monotonic() - start)
@@ -298,7 +298,7 @@ def _reporter(show: bool) -> Iterator[_Reporter]:
 
 
 @contextlib.contextmanager
-def _quiet_transformers() -> Iterator[None]:
+def quiet_transformers() -> Iterator[None]:
     """Silence transformers' own bars and warnings during a build: they would interleave with
     our display, and progress=False promises silence."""
     from transformers.utils import logging as hf_logging

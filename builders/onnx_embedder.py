@@ -28,10 +28,8 @@ The export directory (read by python_backend.embeddings.OnnxEmbedder):
 """
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
-import os
 import shutil
 import subprocess
 import sys
@@ -43,7 +41,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from plateforme.builders.atomic import atomic_directory
+from plateforme.builders.atomic import atomic_directory, atomic_write_bytes
 from plateforme.python_backend.embeddings import (
     ONNX_FORMAT,
     ONNX_INPUTS,
@@ -541,20 +539,6 @@ def build_tensorrt_plan(
         "inputs": list(ONNX_INPUTS),
         "output": ONNX_OUTPUT,
     }
-    _atomic_write_bytes(out_path, bytes(plan))
-    _atomic_write_bytes(out_path.with_name(out_path.name + ".json"), (json.dumps(record, indent=2) + "\n").encode())
+    atomic_write_bytes(out_path, bytes(plan))
+    atomic_write_bytes(out_path.with_name(out_path.name + ".json"), (json.dumps(record, indent=2) + "\n").encode())
     return out_path
-
-
-def _atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write through a temporary sibling renamed into place (builders/atomic.py's rule, for bytes)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise

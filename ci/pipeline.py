@@ -16,17 +16,17 @@ stages, and any failure skips smoke and publish. Completed stages are cached by 
 """
 from __future__ import annotations
 
-import contextlib
 import json
 import shutil
 import time
 import traceback
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from plateforme.builders.atomic import atomic_directory
+from plateforme.builders.assets import quiet_transformers
 from plateforme.builders.engine_manifest import sha256_file
 from plateforme.ci import cache as cache_mod
 from plateforme.ci.integrity import check_checkpoint_files
@@ -141,7 +141,7 @@ class Pipeline:
 
     # -- driver ----------------------------------------------------------------------------
     def run(self) -> PipelineReport:
-        with _quiet_libraries():
+        with quiet_transformers():
             for stage in ENDPOINT_STAGES:
                 for run in self.runs:
                     run.results[stage] = self._endpoint_stage(run, stage)
@@ -542,22 +542,6 @@ def _message(exc: BaseException) -> str:
     frame = traceback.extract_tb(exc.__traceback__)[-1] if exc.__traceback__ else None
     where = f" (at {Path(frame.filename).name}:{frame.lineno})" if frame else ""
     return f"{type(exc).__name__}: {text}{where}"
-
-
-@contextlib.contextmanager
-def _quiet_libraries() -> Iterator[None]:
-    """transformers' loading bars and warnings would interleave with the pipeline's own output."""
-    from transformers.utils import logging as hf_logging
-
-    bars, verbosity = hf_logging.is_progress_bar_enabled(), hf_logging.get_verbosity()
-    hf_logging.disable_progress_bar()
-    hf_logging.set_verbosity_error()
-    try:
-        yield
-    finally:
-        hf_logging.set_verbosity(verbosity)
-        if bars:
-            hf_logging.enable_progress_bar()
 
 
 def summary_table(report: PipelineReport):
