@@ -169,13 +169,8 @@ def join_chunks(chunks) -> GenerationChunk:
                            last.num_output_tokens)
 
 
-# -- sync transport ----------------------------------------------------------------------------
-class Transport:
-    """Streams ensemble requests to Triton from threads (tritonclient), errors classified by status.
-
-    gRPC clients are pooled: one stream per client at a time, but the channel (a TCP connection)
-    outlives the request, which saves its set-up on every call.
-    """
+class _TransportSettings:
+    """Where and how both transports reach Triton, and how long they wait between retries."""
 
     def __init__(self, url: str | None = None, protocol: str = "grpc", timeout: float = 300.0,
                  retries: int = 2, retry_backoff: float = 0.2):
@@ -186,6 +181,21 @@ class Transport:
         self.timeout = timeout
         self.retries = retries
         self.retry_backoff = retry_backoff
+
+    def _retry_delay(self, attempt: int) -> float:
+        return self.retry_backoff * 2 ** attempt
+
+
+# -- sync transport ----------------------------------------------------------------------------
+class Transport(_TransportSettings):
+    """Streams ensemble requests to Triton from threads (tritonclient), errors classified by status.
+
+    gRPC clients are pooled: one stream per client at a time, but the channel (a TCP connection)
+    outlives the request, which saves its set-up on every call.
+    """
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
         self._pool: list = []
         self._lock = threading.Lock()
 
@@ -203,7 +213,7 @@ class Transport:
             except ServerUnavailableError:
                 if started or attempt == self.retries:
                     raise
-                time.sleep(self.retry_backoff * 2 ** attempt)
+                time.sleep(self._retry_delay(attempt))
 
     def embed(self, model: str, texts: list[str]) -> tuple[np.ndarray, list[int]]:
         if not texts:
@@ -228,7 +238,7 @@ class Transport:
                     ServerUnavailableError(f"Triton at {self.url} is unreachable: {exc}")
                 if not isinstance(error, ServerUnavailableError) or attempt == self.retries:
                     raise error from None
-                time.sleep(self.retry_backoff * 2 ** attempt)
+                time.sleep(self._retry_delay(attempt))
             finally:
                 self._release(client) if self.protocol == "grpc" else client.close()
         return result.as_numpy("embedding"), result.as_numpy("num_input_tokens").reshape(-1).tolist()
@@ -357,20 +367,13 @@ def _infer_request(model: str, inputs: Tensors, streamed: bool):
     return request
 
 
-class AsyncTransport:
+class AsyncTransport(_TransportSettings):
     """The asyncio twin of `Transport`: one gRPC channel (grpc.aio, Triton's service stubs) or one
     aiohttp session per event loop, reused by every request. Leaving a `generate` iteration early
     (break, aclose, task cancellation) cancels the request in Triton."""
 
-    def __init__(self, url: str | None = None, protocol: str = "grpc", timeout: float = 300.0,
-                 retries: int = 2, retry_backoff: float = 0.2):
-        if protocol not in ("grpc", "http"):
-            raise ValueError(f"protocol must be grpc or http, got {protocol!r}")
-        self.protocol = protocol
-        self.url = url or (DEFAULT_GRPC_URL if protocol == "grpc" else DEFAULT_HTTP_URL)
-        self.timeout = timeout
-        self.retries = retries
-        self.retry_backoff = retry_backoff
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
         self._loop = None
         self._channel = self._stub = self._session = None
 
@@ -408,7 +411,7 @@ class AsyncTransport:
                     raise
             finally:
                 await chunks.aclose()
-            await asyncio.sleep(self.retry_backoff * 2 ** attempt)
+            await asyncio.sleep(self._retry_delay(attempt))
 
     async def complete(self, model: str, inputs: Tensors) -> GenerationChunk:
         return join_chunks([chunk async for chunk in self.generate(model, inputs, stream=False)])
@@ -425,7 +428,7 @@ class AsyncTransport:
             except ServerUnavailableError:
                 if attempt == self.retries:
                     raise
-            await asyncio.sleep(self.retry_backoff * 2 ** attempt)
+            await asyncio.sleep(self._retry_delay(attempt))
         raise AssertionError("unreachable")
 
     async def close(self) -> None:
