@@ -87,7 +87,6 @@ class _Request:
     params: SamplingParams
     streaming: bool
     exclude_input: bool
-    num_sequences: int = 1
     sequences: dict[int, _Returned] = field(default_factory=dict)  # by sequence_index
     unfinished: int = 1  # sequences still generating: the last one's response is the final one
     disconnected: bool = False  # the client cancelled it (as last polled)
@@ -195,7 +194,6 @@ class TritonPythonModel:
             params=params,
             streaming=t.scalar(request, "streaming", 0, bool, False),
             exclude_input=t.scalar(request, "exclude_input_in_output", 0, bool, self.exclude_input_default),
-            num_sequences=num_sequences,
             sequences={i: _Returned() for i in range(num_sequences)},
             unfinished=num_sequences,
         )
@@ -243,7 +241,7 @@ class TritonPythonModel:
                         self.engine.cancel(request.key)
                 continue
             try:
-                self.engine.add_request(item.key, item.prompt, item.params, num_sequences=item.num_sequences)
+                self.engine.add_request(item.key, item.prompt, item.params, num_sequences=len(item.sequences))
             except (ValueError, EngineBusy) as exc:
                 item.sender.send(t.error_response(exc), flags=FINAL)
                 continue
