@@ -10,7 +10,8 @@ real tritonserver and measures, in one run:
   HF `generate()` on one left-padded batch of the same prompts, taken in turns with the engine
   alone in process and with the N streams through the server (its engine idle meanwhile).
 - P2: serving overhead: round trip of a 1-token request through the ensemble minus the engine's
-  own time for the same work (Engine.add_request + step until done, in process).
+  own time for that request (its step time, which the engine model counts on /metrics), on one
+  persistent gRPC stream, and with a new stream per request.
 The client runs on the same cores as the server. Figures only: no goal is asserted.
 
     python bench/inflight.py                                  # dtype auto, 16 streams, 128 new tokens
@@ -26,6 +27,7 @@ import gc
 import json
 import os
 import platform
+import re
 import shlex
 import statistics
 import sys
@@ -187,22 +189,62 @@ async def sequential(url: str, prompts: list[Prompt], new_tokens: int) -> tuple[
         return sum(r.seconds for r in replies), replies
 
 
-async def serving_overhead(url: str, engine: Engine, ids: list[int], end_id: int, count: int,
+def engine_step_seconds(metrics_url: str) -> float:
+    """The engine model's cumulative time inside its steps (forward pass and sampling), from /metrics."""
+    with urllib.request.urlopen(metrics_url, timeout=10) as reply:
+        text = reply.read().decode()
+    match = re.search(rf'^plateforme_engine_step_seconds_total{{[^}}]*model="{ENDPOINT}-engine"[^}}]*}} (\S+)$',
+                      text, re.M)
+    return float(match.group(1)) if match else 0.0
+
+
+def engine_seconds_since(metrics_url: str, before: float, timeout: float = 2.0) -> float:
+    """The engine's step time since `before`: the counter is updated just after the engine
+    responds, so it may trail the reply by a moment."""
+    deadline = time.monotonic() + timeout
+    while (now := engine_step_seconds(metrics_url)) <= before:
+        if time.monotonic() > deadline:
+            raise RuntimeError("plateforme_engine_step_seconds_total did not advance after a request")
+        time.sleep(0.001)
+    return now - before
+
+
+async def serving_overhead(url: str, metrics_url: str, count: int, persistent: bool,
                            warmup: int = 5) -> tuple[list[float], list[float]]:
-    """Round trips of a 1-token request through the ensemble, and the engine's own time for the same
-    work in process, taken in turns: a forward pass of ~50 ms drifts by a few ms between separate
-    blocks of requests, more than the overhead being measured."""
+    """Round trips of a 1-token request through the ensemble, and the engine's step time for that
+    same request (read from /metrics between requests, outside the timed span). `persistent`: all
+    requests on one gRPC stream, as a long-lived client sends them; otherwise a stream each."""
     inputs = {"text_input": P2_PROMPT, "max_tokens": 1, "temperature": 0.0}
+    tensors = [_input(name, value) for name, value in {**inputs, "stream": False}.items()]
     round_trips, engine_times = [], []
+    sends: asyncio.Queue = asyncio.Queue()
+
+    async def requests():
+        while (item := await sends.get()) is not None:
+            yield item
+
     async with InferenceServerClient(url) as client:
+        replies = client.stream_infer(requests(), stream_timeout=600) if persistent else None
         for i in range(warmup + count):
-            seconds = engine_one_token(engine, f"p2-{i}", ids, end_id)
-            reply = await request(client, inputs, False)
-            if reply.tokens != 1:
-                raise RuntimeError(f"a 1-token request returned {reply.tokens} tokens")
+            before = engine_step_seconds(metrics_url)
+            if persistent:
+                start = time.perf_counter()
+                await sends.put({"model_name": ENDPOINT, "inputs": tensors, "request_id": uuid.uuid4().hex})
+                result, error = await replies.__anext__()
+                seconds = time.perf_counter() - start
+                if error is not None:
+                    raise RuntimeError(f"the server answered an error: {error}")
+                tokens = int(result.as_numpy("num_output_tokens").reshape(-1)[0])
+            else:
+                reply = await request(client, inputs, False)
+                seconds, tokens = reply.seconds, reply.tokens
+            if tokens != 1:
+                raise RuntimeError(f"a 1-token request returned {tokens} tokens")
+            engine = engine_seconds_since(metrics_url, before)
             if i >= warmup:
-                engine_times.append(seconds)
-                round_trips.append(reply.seconds)
+                round_trips.append(seconds)
+                engine_times.append(engine)
+        await sends.put(None)
     return round_trips, engine_times
 
 
@@ -249,15 +291,6 @@ def server_engine(model_dir: Path, dtype: torch.dtype) -> Engine:
     """An Engine configured as the endpoint's engine model configures it."""
     return Engine(model_dir, dtype=dtype, max_seq_len=context_length(model_dir),
                   max_batch_size=MAX_BATCH_SIZE, max_num_tokens=ChatEndpoint.max_num_tokens)
-
-
-def engine_one_token(engine: Engine, request_id: str, ids: list[int], end_id: int) -> float:
-    """Seconds the engine takes for a 1-token request, from add_request to its last step."""
-    start = time.perf_counter()
-    engine.add_request(request_id, ids, SamplingParams(max_tokens=1, end_id=end_id, temperature=0.0))
-    while engine.has_work():
-        engine.step()
-    return time.perf_counter() - start
 
 
 def engine_throughput(engine: Engine, prompts: list[Prompt], new_tokens: int, tag: str) -> float:
@@ -394,20 +427,24 @@ def main() -> int:
             for _ in range(args.repeats):
                 _, replies = asyncio.run(sequential(url, base, 2))
                 ttft_1 += [r.ttft for r in replies]
-            log("  1-token requests: round trips and the engine in process, in turns")
+            log("  1-token requests: round trips and the engine's step time for each")
             names = {"ensemble": ENDPOINT, **{part: f"{ENDPOINT}-{part}" for part in
                                                ("preprocessing", "engine", "postprocessing")}}
             stats_before = {part: model_stats(server.http_url, name) for part, name in names.items()}
             round_trips, engine_times = asyncio.run(
-                serving_overhead(url, engine, p2_ids, tokenizer.eos_id, args.p2_requests))
+                serving_overhead(url, server.metrics_url, args.p2_requests, persistent=True))
             p2_stats = {part: stats_per_request(stats_before[part], model_stats(server.http_url, name))
                         for part, name in names.items()}
+            new_stream_trips, new_stream_engine = asyncio.run(
+                serving_overhead(url, server.metrics_url, args.p2_requests, persistent=False))
     load_after = os.getloadavg()
 
     ours, ours_single = statistics.median(ours_runs), statistics.median(ours_single_runs)
     hf_seq, hf_bat = statistics.median(hf_seq_runs), statistics.median(hf_batch_runs)
-    # Each round trip is paired with the engine run just before it, so slow drift cancels out.
-    overhead = pct([a - b for a, b in zip(round_trips, engine_times)], 50)
+    # Each round trip minus the engine's time for that very request: no pairing across requests.
+    overheads = [a - b for a, b in zip(round_trips, engine_times)]
+    new_stream_overheads = [a - b for a, b in zip(new_stream_trips, new_stream_engine)]
+    overhead = pct(overheads, 50)
     ttft_ratio = pct(ttft_n, 50) / pct(ttft_1, 50)
     ttft_steady_ratio = pct(ttft_steady, 50) / pct(ttft_1, 50)
     hf_agree = [common_prefix(a, b) for a, b in zip(single_texts, hf_texts)]
@@ -449,10 +486,13 @@ def main() -> int:
         f"each client's first: p50 {ms(pct(ttft_steady, 50))}, p99 {ms(pct(ttft_steady, 99))} "
         f"({k * args.rounds * n / loop_seconds:.1f} tok/s over the whole loop, ramp-up and drain included)",
         f"- P2: 1-token request (`text_input` {P2_PROMPT!r}, {len(p2_ids)} prompt token, max_tokens 1, "
-        f"not streamed): round trip p50 {ms(pct(round_trips, 50))} (p99 {ms(pct(round_trips, 99))}); "
-        f"engine in process (add_request + step until done, same ids and dtype) p50 {ms(pct(engine_times, 50))}; "
-        f"{len(round_trips)} of each, taken in turns; overhead = p50 of the pairwise differences "
-        f"(the difference of the two p50s: {ms(pct(round_trips, 50) - pct(engine_times, 50))})",
+        f"not streamed), {len(round_trips)} one after another on one gRPC stream: round trip p50 "
+        f"{ms(pct(round_trips, 50))} (p99 {ms(pct(round_trips, 99))}); the engine's step time for the same "
+        f"request (plateforme_engine_step_seconds_total on /metrics, read between requests) p50 "
+        f"{ms(pct(engine_times, 50))}; overhead = round trip - engine time, per request: p10 / p50 / p90 "
+        f"{ms(pct(overheads, 10))} / {ms(pct(overheads, 50))} / {ms(pct(overheads, 90))}",
+        f"- P2 with a new gRPC stream per request (stream set-up included): round trip p50 "
+        f"{ms(pct(new_stream_trips, 50))}, overhead p50 {ms(pct(new_stream_overheads, 50))}",
         "- P2, Triton's statistics per request, ms (queue / compute input / infer / output): " + "; ".join(
             f"{part} {v['queue']:.2f} / {v['compute_input']:.2f} / {v['compute_infer']:.2f} / "
             f"{v['compute_output']:.2f}" for part, v in p2_stats.items())

@@ -41,6 +41,7 @@ _PYTORCH_EXTRA_OUTPUT_MAP = (
 _PYTORCH_POSTPROCESSING_INPUT_MAP = (
     '\n      input_map { key: "PREFIX_IDS" value: "_PREFIX_IDS" }'
     '\n      input_map { key: "ENGINE_REQUEST_ID" value: "_ENGINE_REQUEST_ID" }'
+    '\n      input_map { key: "FINISH_REASON" value: "finish_reason" }'
 )
 
 

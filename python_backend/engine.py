@@ -73,6 +73,7 @@ class EngineStats:
     queued: int
     kv_cache_used: int  # cache entries holding a live key
     kv_cache_capacity: int
+    step_seconds: float  # wall time spent inside step() since the engine started
 
 
 @dataclass(eq=False)  # one object per sequence: compared by identity
@@ -141,6 +142,7 @@ class Engine:
         self._fork_outputs: list[StepOutput] = []  # forks finished with their head outside a step's flow
         self._waiting: deque[_Sequence] = deque()
         self._running: list[_Sequence] = []
+        self._step_seconds = 0.0
 
     @property
     def vocab_size(self) -> int:
@@ -210,10 +212,18 @@ class Engine:
             queued=len(self._waiting),
             kv_cache_used=self.cache.used_entries(),
             kv_cache_capacity=self.cache.n_slots * self.cache.capacity,
+            step_seconds=self._step_seconds,
         )
 
     def step(self) -> list[StepOutput]:
         """Advance every running request by one token (or one prefill chunk)."""
+        start = time.perf_counter()
+        try:
+            return self._step()
+        finally:
+            self._step_seconds += time.perf_counter() - start
+
+    def _step(self) -> list[StepOutput]:
         outputs = self._retire_waiting()
         for seq in [s for s in self._running if s.cancelled]:
             outputs.append(self._finish(seq, "cancelled", len(seq.tokens)))

@@ -148,11 +148,24 @@ def test_stop_input_cancels_a_running_request(server):
     assert tokens < 240
 
 
-def test_generated_tokens_are_counted(server):
-    before = metric(server, "plateforme_engine_generated_tokens_total", "mistral-small-engine")
+def test_generated_tokens_and_step_time_are_counted(server):
+    tokens = metric(server, "plateforme_engine_generated_tokens_total", "mistral-small-engine")
+    seconds = metric(server, "plateforme_engine_step_seconds_total", "mistral-small-engine")
     grpc_stream(server, "mistral-small", {"text_input": strings("count me"), "max_tokens": ints(7),
                                           "end_id": ints(-1)})
-    assert metric(server, "plateforme_engine_generated_tokens_total", "mistral-small-engine") == before + 7
+    assert metric(server, "plateforme_engine_generated_tokens_total", "mistral-small-engine") == tokens + 7
+    assert metric(server, "plateforme_engine_step_seconds_total", "mistral-small-engine") > seconds
+
+
+def test_engine_answers_only_the_requested_outputs(server):
+    inputs = {"input_ids": np.array([[5, 6, 7, 8]], dtype=np.int32), "input_lengths": ints(4),
+              "request_output_len": ints(3), "end_id": ints(-1)}
+    everything = grpc_stream(server, "mistral-tiny-engine", inputs)[-1]
+    assert {"output_ids", "sequence_length", "finish_reason", "cum_log_probs"} <= everything.keys()
+    asked = grpc_stream(server, "mistral-tiny-engine", inputs, outputs=["output_ids", "finish_reason"])[-1]
+    assert asked.keys() == {"output_ids", "finish_reason"}
+    assert asked["output_ids"].tolist() == everything["output_ids"].tolist()
+    assert asked["finish_reason"].reshape(-1)[0].decode() == "length"
 
 
 def test_json_mode_always_parses(server):

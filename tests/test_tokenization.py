@@ -179,6 +179,17 @@ def test_hf_control_tokens_written_as_text(smollm2, smollm2_reference):
     assert ids[0] == smollm2_reference.convert_tokens_to_ids("<|im_start|>") and smollm2.eos_id in ids
 
 
+@pytest.mark.parametrize("text", ["Hello, world!", "  leading spaces\n\ttabs and  doubles  ", "naïve café — 日本語 🙂",
+                                  "x = [1, 2]  # code\n\n\nend", "<|im_end|> mid <|endoftext|> text"])
+def test_hf_text_matches_transformers(smollm2, smollm2_reference, text):
+    """Plain text goes straight to the Rust tokenizer: same ids and text as transformers' wrapper."""
+    ids = smollm2.encode_text(text)
+    assert ids == smollm2_reference.encode(text, add_special_tokens=False)
+    visible = [i for i in ids if i != smollm2.eos_id]
+    assert smollm2.decode(ids) == smollm2_reference.decode(visible, skip_special_tokens=False,
+                                                            clean_up_tokenization_spaces=False)
+
+
 # --- chat ---------------------------------------------------------------------------------------
 
 

@@ -11,8 +11,9 @@ import tritonclient.grpc as grpcclient
 
 from plateforme.clients.triton_client import EndpointError
 
-def grpc_stream(server, model, inputs: dict, request_id=None):
-    """All responses of one streamed gRPC request, as dicts of numpy outputs."""
+def grpc_stream(server, model, inputs: dict, request_id=None, outputs=None):
+    """All responses of one streamed gRPC request, as dicts of numpy outputs (`outputs`: the names
+    to ask for; all of them when None)."""
     results: queue.Queue = queue.Queue()
     client = grpcclient.InferenceServerClient(server.grpc_url)
     tensors = []
@@ -23,7 +24,8 @@ def grpc_stream(server, model, inputs: dict, request_id=None):
         tensor.set_data_from_numpy(array)
         tensors.append(tensor)
     client.start_stream(callback=lambda result, error: results.put((result, error)))
-    client.async_stream_infer(model, tensors, request_id=request_id or uuid.uuid4().hex,
+    requested = None if outputs is None else [grpcclient.InferRequestedOutput(name) for name in outputs]
+    client.async_stream_infer(model, tensors, outputs=requested, request_id=request_id or uuid.uuid4().hex,
                               enable_empty_final_response=True)
     responses = []
     try:

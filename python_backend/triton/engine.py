@@ -55,6 +55,8 @@ class EngineMetrics:
         self.generated = family("plateforme_engine_generated_tokens_total", "Tokens generated", counter)
         self.kv_usage = family("plateforme_engine_kv_cache_usage_ratio",
                                "Fraction of KV cache entries holding a live key", gauge)
+        self.step_seconds = family("plateforme_engine_step_seconds_total",
+                                   "Wall seconds spent in engine steps (model forward and sampling)", counter)
 
         self._last: dict[str, float] = {}
 
@@ -68,6 +70,10 @@ class EngineMetrics:
                 self._last[name] = value
         if generated:
             self.generated.increment(generated)
+        stepped = stats.step_seconds - self._last.get("step_seconds", 0.0)
+        if stepped > 0:
+            self.step_seconds.increment(stepped)
+            self._last["step_seconds"] = stats.step_seconds
 
 
 @dataclass
@@ -87,6 +93,7 @@ class _Request:
     params: SamplingParams
     streaming: bool
     exclude_input: bool
+    outputs: frozenset[str] = frozenset()  # output tensors the client asked for (empty: all)
     sequences: dict[int, _Returned] = field(default_factory=dict)  # by sequence_index
     unfinished: int = 1  # sequences still generating: the last one's response is the final one
     disconnected: bool = False  # the client cancelled it (as last polled)
@@ -132,11 +139,12 @@ class TritonPythonModel:
         for request in requests:
             sender = request.get_response_sender()
             try:
-                if t.scalar(request, "stop", 0, bool, False):
+                inputs = t.input_arrays(request)
+                if t.scalar(inputs, "stop", 0, bool, False):
                     self.inbox.put(_Cancel(request.request_id()))
                     sender.send(flags=FINAL)
                 else:
-                    self.inbox.put(self._parse(request, sender))
+                    self.inbox.put(self._parse(request, inputs, sender))
             except ValueError as exc:
                 sender.send(t.error_response(exc), flags=FINAL)
         return None
@@ -147,43 +155,43 @@ class TritonPythonModel:
         self.worker.join(timeout=30)
 
     # -- request parsing ---------------------------------------------------------------
-    def _parse(self, request, sender) -> _Request:
-        input_ids = t.optional_array(request, "input_ids")
+    def _parse(self, request, inputs: dict, sender) -> _Request:
+        input_ids = t.optional_array(inputs, "input_ids")
         if input_ids is None or input_ids.ndim != 2:
             raise t.InputError("input_ids is required with shape [1, tokens]")
         if input_ids.shape[0] != 1:
             raise t.InputError(f"the PyTorch engine takes one sequence per request, got a batch of {input_ids.shape[0]}")
-        length = t.scalar(request, "input_lengths", 0, int, input_ids.shape[1])
+        length = t.scalar(inputs, "input_lengths", 0, int, input_ids.shape[1])
         if not 0 < length <= input_ids.shape[1]:
             raise t.InputError(f"input_lengths={length} does not fit input_ids of {input_ids.shape[1]} tokens")
-        beam_width = t.scalar(request, "beam_width", 0, int, 1)
+        beam_width = t.scalar(inputs, "beam_width", 0, int, 1)
         if beam_width != 1:
             raise t.InputError(f"beam_width={beam_width}: the PyTorch engine decodes one beam")
-        num_sequences = t.scalar(request, "num_return_sequences", 0, int, 1)
+        num_sequences = t.scalar(inputs, "num_return_sequences", 0, int, 1)
         if num_sequences < 1:
             raise t.InputError(f"num_return_sequences must be >= 1, got {num_sequences}")
         params = SamplingParams(
-            max_tokens=t.scalar(request, "request_output_len", 0, int, None),
-            end_id=t.scalar(request, "end_id", 0, int, None),
-            temperature=t.scalar(request, "temperature", 0, float, 1.0),
-            top_k=t.scalar(request, "runtime_top_k", 0, int, 0),
-            top_p=t.scalar(request, "runtime_top_p", 0, float, 0.0),
-            seed=t.scalar(request, "seed", 0, int, None),
-            min_tokens=t.scalar(request, "min_tokens", 0, int, 0),
-            repetition_penalty=t.scalar(request, "repetition_penalty", 0, float, 1.0),
-            presence_penalty=t.scalar(request, "presence_penalty", 0, float, 0.0),
-            frequency_penalty=t.scalar(request, "frequency_penalty", 0, float, 0.0),
-            stop_words=t.parse_word_list(_first_row(t.optional_array(request, "stop_words_list"))),
-            bad_words=t.parse_word_list(_first_row(t.optional_array(request, "bad_words_list"))),
-            return_log_probs=t.scalar(request, "return_log_probs", 0, bool, False),
+            max_tokens=t.scalar(inputs, "request_output_len", 0, int, None),
+            end_id=t.scalar(inputs, "end_id", 0, int, None),
+            temperature=t.scalar(inputs, "temperature", 0, float, 1.0),
+            top_k=t.scalar(inputs, "runtime_top_k", 0, int, 0),
+            top_p=t.scalar(inputs, "runtime_top_p", 0, float, 0.0),
+            seed=t.scalar(inputs, "seed", 0, int, None),
+            min_tokens=t.scalar(inputs, "min_tokens", 0, int, 0),
+            repetition_penalty=t.scalar(inputs, "repetition_penalty", 0, float, 1.0),
+            presence_penalty=t.scalar(inputs, "presence_penalty", 0, float, 0.0),
+            frequency_penalty=t.scalar(inputs, "frequency_penalty", 0, float, 0.0),
+            stop_words=t.parse_word_list(_first_row(t.optional_array(inputs, "stop_words_list"))),
+            bad_words=t.parse_word_list(_first_row(t.optional_array(inputs, "bad_words_list"))),
+            return_log_probs=t.scalar(inputs, "return_log_probs", 0, bool, False),
         )
         if params.end_id is not None and params.end_id < 0:
             params.end_id = None  # tensorrtllm convention: a negative end_id never ends generation
         if params.max_tokens is None:
             raise t.InputError("request_output_len (max_tokens) is required")
-        guide_type = t.scalar(request, "guided_decoding_guide_type", 0, t.text, "")
+        guide_type = t.scalar(inputs, "guided_decoding_guide_type", 0, t.text, "")
         if guide_type:
-            guide = t.scalar(request, "guided_decoding_guide", 0, t.text, None)
+            guide = t.scalar(inputs, "guided_decoding_guide", 0, t.text, None)
             budget = min(params.max_tokens, self.engine.max_seq_len - length)
             params.guide = self._guide_compiler().compile(guide_type, guide, max_tokens=max(budget, 2))
         return _Request(
@@ -192,8 +200,9 @@ class TritonPythonModel:
             sender=sender,
             prompt=input_ids[0, :length].tolist(),
             params=params,
-            streaming=t.scalar(request, "streaming", 0, bool, False),
-            exclude_input=t.scalar(request, "exclude_input_in_output", 0, bool, self.exclude_input_default),
+            streaming=t.scalar(inputs, "streaming", 0, bool, False),
+            exclude_input=t.scalar(inputs, "exclude_input_in_output", 0, bool, self.exclude_input_default),
+            outputs=frozenset(request.requested_output_names()),
             sequences={i: _Returned() for i in range(num_sequences)},
             unfinished=num_sequences,
         )
@@ -215,15 +224,16 @@ class TritonPythonModel:
                 self._fail_all(exc)
 
     def _iteration(self) -> None:
-        self._drain_inbox(block=not self.engine.has_work())
+        idle = not self.engine.has_work()
+        self._drain_inbox(block=idle)
+        if idle:  # requests that just arrived have no disconnection worth an IPC round trip yet
+            self._last_disconnect_poll = time.monotonic()
         self._cancel_disconnected()
-        generated = 0
-        if self.engine.has_work():
-            outputs = self.engine.step()
-            for output in outputs:
-                self._respond(output)
-            generated = sum(len(o.token_ids) for o in outputs)
-        self.metrics.update(self.engine, generated)
+        outputs = self.engine.step() if self.engine.has_work() else []
+        for output in outputs:
+            self._respond(output)
+        # After the responses: each metric update is an IPC round trip they need not wait for.
+        self.metrics.update(self.engine, sum(len(o.token_ids) for o in outputs))
 
     def _drain_inbox(self, block: bool) -> None:
         while True:
@@ -310,18 +320,23 @@ class TritonPythonModel:
         def ints(values, shape):
             return np.array(values, dtype=np.int32).reshape(shape)
 
-        return pb_utils.InferenceResponse(output_tensors=[
-            pb_utils.Tensor("output_ids", ints(tokens, (1, 1, len(tokens)))),
-            pb_utils.Tensor("sequence_length", ints([len(tokens)], (1, 1))),
-            pb_utils.Tensor("cum_log_probs", np.array([[sum(returned.log_probs)]], dtype=np.float32)),
-            pb_utils.Tensor("output_log_probs", np.array(log_probs, dtype=np.float32).reshape(1, 1, -1)),
-            pb_utils.Tensor("num_input_tokens", ints([len(request.prompt)], (1, 1))),
-            pb_utils.Tensor("num_output_tokens", ints([len(returned.sent)], (1, 1))),
-            t.string_tensor("finish_reason", [[(output.finish_reason or "").encode()]]),
-            pb_utils.Tensor("prefix_ids", ints(prefix, (1, 1, len(prefix)))),
-            t.string_tensor("engine_request_id", [[request.key.encode()]]),
-            pb_utils.Tensor("sequence_index", ints([output.sequence_index], (1, 1))),
-        ])
+        # Built only when asked for: a response is made every step for every stream.
+        outputs = {
+            "output_ids": lambda: ints(tokens, (1, 1, len(tokens))),
+            "sequence_length": lambda: ints([len(tokens)], (1, 1)),
+            "cum_log_probs": lambda: np.array([[sum(returned.log_probs)]], dtype=np.float32),
+            "output_log_probs": lambda: np.array(log_probs, dtype=np.float32).reshape(1, 1, -1),
+            "num_input_tokens": lambda: ints([len(request.prompt)], (1, 1)),
+            "num_output_tokens": lambda: ints([len(returned.sent)], (1, 1)),
+            "finish_reason": lambda: np.array([[(output.finish_reason or "").encode()]], dtype=object),
+            "prefix_ids": lambda: ints(prefix, (1, 1, len(prefix))),
+            "engine_request_id": lambda: np.array([[request.key.encode()]], dtype=object),
+            "sequence_index": lambda: ints([output.sequence_index], (1, 1)),
+        }
+        wanted = request.outputs or outputs.keys()
+        return pb_utils.InferenceResponse(
+            output_tensors=[pb_utils.Tensor(name, make()) for name, make in outputs.items() if name in wanted]
+        )
 
 
 def _first_row(array):

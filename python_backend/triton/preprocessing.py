@@ -21,25 +21,25 @@ class TritonPythonModel:
         responses = []
         for request in requests:
             try:
-                responses.append(self._encode(request))
+                responses.append(self._encode(t.input_arrays(request)))
             except (ValueError, UnicodeDecodeError) as exc:
                 responses.append(t.error_response(exc))
         return responses
 
-    def _encode(self, request):
-        rows = max(t.batch_size(request, "QUERY"), t.batch_size(request, "MESSAGES"))
+    def _encode(self, inputs: dict):
+        rows = max(t.batch_size(inputs, "QUERY"), t.batch_size(inputs, "MESSAGES"))
         ids, lengths, out_lens, stops, bads, end_ids, pad_ids = [], [], [], [], [], [], []
         for row in range(rows):
-            prompt = self._prompt_ids(request, row)
-            max_tokens = t.scalar(request, "REQUEST_OUTPUT_LEN", row, int, self.default_max_tokens)
+            prompt = self._prompt_ids(inputs, row)
+            max_tokens = t.scalar(inputs, "REQUEST_OUTPUT_LEN", row, int, self.default_max_tokens)
             self._check_lengths(len(prompt), max_tokens)
             ids.append(prompt)
             lengths.append(len(prompt))
             out_lens.append(max_tokens)
-            stops.append([self._word_ids(w, "stop") for w in t.strings(request, "STOP_WORDS_DICT", row)])
-            bads.append([self._word_ids(w, "bad") for w in t.strings(request, "BAD_WORDS_DICT", row)])
-            end_ids.append(t.scalar(request, "END_ID", row, int, self.tokenizer.eos_id))
-            pad_ids.append(t.scalar(request, "PAD_ID", row, int, self.tokenizer.pad_id))
+            stops.append([self._word_ids(w, "stop") for w in t.strings(inputs, "STOP_WORDS_DICT", row)])
+            bads.append([self._word_ids(w, "bad") for w in t.strings(inputs, "BAD_WORDS_DICT", row)])
+            end_ids.append(t.scalar(inputs, "END_ID", row, int, self.tokenizer.eos_id))
+            pad_ids.append(t.scalar(inputs, "PAD_ID", row, int, self.tokenizer.pad_id))
         width = max(lengths)
         input_ids = np.full((rows, width), self.tokenizer.pad_id, dtype=np.int32)
         for row, prompt in enumerate(ids):
@@ -55,9 +55,9 @@ class TritonPythonModel:
             pb_utils.Tensor("OUT_PAD_ID", column(pad_ids)),
         ])
 
-    def _prompt_ids(self, request, row: int) -> list[int]:
-        query = t.scalar(request, "QUERY", row, t.text, "")
-        messages = t.scalar(request, "MESSAGES", row, t.text, "")
+    def _prompt_ids(self, inputs: dict, row: int) -> list[int]:
+        query = t.scalar(inputs, "QUERY", row, t.text, "")
+        messages = t.scalar(inputs, "MESSAGES", row, t.text, "")
         if query and messages:
             raise t.InputError("give either text_input or messages, not both")
         if messages:
@@ -83,8 +83,13 @@ class TritonPythonModel:
         return ids
 
 
+_NO_WORDS = t.word_list([])
+
+
 def _stack_word_lists(per_row: list[list[list[int]]]) -> np.ndarray:
     """[batch, 2, n] word lists, padded to the widest row."""
+    if not any(per_row):  # the usual case, made cheap: no words in any row
+        return np.broadcast_to(_NO_WORDS, (len(per_row), *_NO_WORDS.shape)).copy()
     lists = [t.word_list(words) for words in per_row]
     width = max(array.shape[1] for array in lists)
     out = np.full((len(lists), 2, width), -1, dtype=np.int32)

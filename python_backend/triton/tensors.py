@@ -48,7 +48,16 @@ def bool_parameter(params: dict[str, str], key: str, default: bool) -> bool:
     raise ValueError(f"config parameter {key}={raw!r} is not true/false")
 
 
+def input_arrays(request) -> dict[str, np.ndarray]:
+    """A request's inputs by name. Every lookup by name walks the request's whole input list
+    across the C++ boundary, so a model reading many inputs takes them all at once with this."""
+    return {tensor.name(): tensor.as_numpy() for tensor in request.inputs()}
+
+
 def optional_array(request, name: str) -> np.ndarray | None:
+    """Input `name` of a request (or of its `input_arrays` dict), None when absent."""
+    if isinstance(request, dict):
+        return request.get(name)
     tensor = pb_utils.get_input_tensor_by_name(request, name)
     return None if tensor is None else tensor.as_numpy()
 
