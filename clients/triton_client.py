@@ -9,6 +9,7 @@ gateway and the CLI all go through them. This module talks to Triton over the wi
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import queue
 import re
@@ -367,20 +368,101 @@ def _infer_request(model: str, inputs: Tensors, streamed: bool):
     return request
 
 
+class _SharedStream:
+    """One long-lived ModelStreamInfer RPC carrying many requests, their responses told apart by
+    request id: no stream set-up per request. A request on it cannot be cancelled alone (gRPC
+    cancels whole streams), so only whole answers (`complete`) use it."""
+
+    def __init__(self, stub, url: str):
+        self.url = url
+        self.broken: PlateformeError | None = None
+        self._call = stub.ModelStreamInfer()
+        self._write_lock = asyncio.Lock()  # grpc.aio takes one write at a time
+        self._pending: dict[str, asyncio.Queue] = {}
+        self._reader = asyncio.create_task(self._read())
+
+    async def _read(self) -> None:
+        import grpc
+
+        try:
+            while True:
+                response = await self._call.read()
+                if response is grpc.aio.EOF:
+                    raise ServerUnavailableError(f"Triton at {self.url} closed the shared stream")
+                answer = self._pending.get(response.infer_response.id)
+                if answer is not None:
+                    answer.put_nowait(response)
+        except grpc.RpcError as exc:
+            self._fail(_rpc_error(exc, self.url))
+        except PlateformeError as exc:
+            self._fail(exc)
+        except asyncio.CancelledError:
+            self._fail(ServerUnavailableError("the shared stream was closed"))
+            raise
+
+    def _fail(self, error: PlateformeError) -> None:
+        self.broken = error
+        for answer in self._pending.values():
+            answer.put_nowait(error)
+
+    async def request(self, model: str, inputs: Tensors, timeout: float) -> list[GenerationChunk]:
+        """Every chunk of one request, up to its final response."""
+        import grpc
+        from tritonclient.grpc import InferResult
+        from tritonclient.utils import InferenceServerException
+
+        if self.broken is not None:
+            raise self.broken
+        request = _infer_request(model, inputs, streamed=True)
+        answer: asyncio.Queue = asyncio.Queue()
+        self._pending[request.id] = answer
+        chunks = []
+        try:
+            async with asyncio.timeout(timeout):
+                async with self._write_lock:
+                    await self._call.write(request)
+                while True:
+                    response = await answer.get()
+                    if isinstance(response, PlateformeError):
+                        raise response
+                    if response.error_message:
+                        raise classify(InferenceServerException(msg=response.error_message))
+                    infer = response.infer_response
+                    if infer.outputs:
+                        chunks.append(_chunk(InferResult(infer).as_numpy))
+                    final = infer.parameters.get("triton_final_response")
+                    if final is not None and final.bool_param:
+                        return chunks
+        except TimeoutError:
+            # The request runs on in Triton to its end; its responses are dropped.
+            raise ServerUnavailableError(f"no answer from {model} within {timeout} s") from None
+        except grpc.RpcError as exc:
+            raise _rpc_error(exc, self.url) from None
+        finally:
+            del self._pending[request.id]
+
+    async def close(self) -> None:
+        self._call.cancel()
+        self._reader.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await self._reader
+
+
 class AsyncTransport(_TransportSettings):
     """The asyncio twin of `Transport`: one gRPC channel (grpc.aio, Triton's service stubs) or one
     aiohttp session per event loop, reused by every request. Leaving a `generate` iteration early
-    (break, aclose, task cancellation) cancels the request in Triton."""
+    (break, aclose, task cancellation) cancels the request in Triton. Over gRPC, `complete` sends
+    its requests on one shared stream (see `_SharedStream`)."""
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         self._loop = None
-        self._channel = self._stub = self._session = None
+        self._channel = self._stub = self._session = self._shared = None
 
     def _connect(self):
         loop = asyncio.get_running_loop()
         if self._loop is not loop:  # channels and sessions belong to the loop that made them
-            self._loop, self._channel, self._stub, self._session = loop, None, None, None
+            self._loop, self._channel, self._stub, self._session, self._shared = loop, None, None, None, None
             if self.protocol == "grpc":
                 import grpc
                 from tritonclient.grpc import service_pb2_grpc
@@ -414,7 +496,20 @@ class AsyncTransport(_TransportSettings):
             await asyncio.sleep(self._retry_delay(attempt))
 
     async def complete(self, model: str, inputs: Tensors) -> GenerationChunk:
-        return join_chunks([chunk async for chunk in self.generate(model, inputs, stream=False)])
+        """The whole answer of one request; retried while the server is unavailable."""
+        if self.protocol != "grpc":
+            return join_chunks([chunk async for chunk in self.generate(model, inputs, stream=False)])
+        for attempt in range(self.retries + 1):
+            stub = self._connect()
+            if self._shared is None or self._shared.broken is not None:
+                self._shared = _SharedStream(stub, self.url)
+            try:
+                return join_chunks(await self._shared.request(model, inputs, self.timeout))
+            except ServerUnavailableError:
+                if attempt == self.retries:
+                    raise
+            await asyncio.sleep(self._retry_delay(attempt))
+        raise AssertionError("unreachable")
 
     async def embed(self, model: str, texts: list[str]) -> tuple[np.ndarray, list[int]]:
         if not texts:
@@ -432,8 +527,10 @@ class AsyncTransport(_TransportSettings):
         raise AssertionError("unreachable")
 
     async def close(self) -> None:
-        channel, session = self._channel, self._session
-        self._loop = self._channel = self._stub = self._session = None
+        channel, session, shared = self._channel, self._session, self._shared
+        self._loop = self._channel = self._stub = self._session = self._shared = None
+        if shared is not None:
+            await shared.close()
         if channel is not None:
             await channel.close()
         if session is not None:

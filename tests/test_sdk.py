@@ -266,3 +266,43 @@ def test_leaving_a_stream_cancels_it_in_triton(server):
 async def _drain(stream):
     async for _ in stream:
         pass
+
+
+@needs_server
+def test_whole_answers_share_one_stream_without_cross_talk(server):
+    """AsyncTransport.complete sends its requests on one gRPC stream: concurrent answers, an error
+    among them and a request given up on do not disturb one another."""
+    import asyncio
+
+    from plateforme.clients.triton_client import AsyncTransport, GenerationParams, chat_tensors
+
+    def inputs(text, **params):
+        return chat_tensors(GenerationParams(**{"max_tokens": 8, "temperature": 0.0, **params}),
+                            messages_json=json.dumps({"messages": [{"role": "user", "content": text}]}))
+
+    prompts = [f"Tell me about the number {i}." for i in range(10)]
+
+    async def run():
+        transport = AsyncTransport(server.grpc_url)
+        alone = [await transport.complete("mistral-tiny", inputs(p)) for p in prompts]
+        stream = transport._shared
+        together = await asyncio.gather(
+            *[transport.complete("mistral-tiny", inputs(p)) for p in prompts],
+            transport.complete("mistral-tiny", chat_tensors(messages_json="{not json")),
+            transport.complete("no-such-model", inputs("hi")), return_exceptions=True)
+        transport.timeout = 0.05
+        with pytest.raises(ServerUnavailableError, match="no answer from mistral-tiny within"):
+            await transport.complete("mistral-tiny", inputs("Talk.", max_tokens=200, min_tokens=200))
+        transport.timeout = 60
+        after = await transport.complete("mistral-tiny", inputs(prompts[0]))
+        same_stream = transport._shared is stream
+        await transport.close()
+        return alone, together, after, same_stream
+
+    alone, together, after, same_stream = asyncio.run(run())
+    assert [c.text for c in together[:10]] == [c.text for c in alone]
+    assert all(c.num_output_tokens == 8 for c in alone)
+    assert isinstance(together[10], InvalidRequestError) and "not valid JSON" in str(together[10])
+    assert isinstance(together[11], ModelNotFoundError)
+    assert after.text == alone[0].text and same_stream
+    wait_for_idle_engine(server)  # the request given up on runs to its end in Triton
