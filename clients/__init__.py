@@ -5,11 +5,11 @@ from plateforme.clients.sdk import (
     ModelNotFoundError, PlateformeClient, PlateformeError, ServerUnavailableError, ToolCall, parse_tool_calls,
 )
 from plateforme.clients.triton_client import (
-    AsyncTransport, EndpointError, GenerationChunk, GenerationParams, Transport, TritonEndpoints,
+    AnswerTimeoutError, AsyncTransport, EndpointError, GenerationChunk, GenerationParams, Transport, TritonEndpoints,
 )
 
 __all__ = [
-    "ALIASES", "AsyncTransport", "PUBLIC_ENDPOINTS", "SAFE_PROMPT", "ChatCompletionResponse", "CompletionChunk", "CompletionEvent",
+    "ALIASES", "AnswerTimeoutError", "AsyncTransport", "PUBLIC_ENDPOINTS", "SAFE_PROMPT", "ChatCompletionResponse", "CompletionChunk", "CompletionEvent",
     "EmbeddingResponse", "Endpoint", "EndpointError", "GenerationChunk", "GenerationParams", "InvalidRequestError",
     "ModelNotFoundError", "PlateformeClient", "PlateformeError", "Registry", "ServerUnavailableError", "ToolCall",
     "Transport", "TritonEndpoints", "parse_tool_calls",

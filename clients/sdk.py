@@ -22,8 +22,8 @@ import numpy as np
 from pydantic import BaseModel, Field
 
 from plateforme.clients.triton_client import (  # noqa: F401 (errors and transports re-exported)
-    AsyncTransport, EndpointError, GenerationChunk, GenerationParams, InvalidRequestError, ModelNotFoundError,
-    PlateformeError, ServerUnavailableError, Transport, chat_tensors, classify, join_chunks,
+    AnswerTimeoutError, AsyncTransport, EndpointError, GenerationChunk, GenerationParams, InvalidRequestError,
+    ModelNotFoundError, PlateformeError, ServerUnavailableError, Transport, chat_tensors, classify, join_chunks,
 )
 
 SAFE_PROMPT = (

@@ -57,6 +57,10 @@ class ServerUnavailableError(PlateformeError):
     status_code = 503
 
 
+class AnswerTimeoutError(ServerUnavailableError):
+    """No answer within the client's timeout: not retried (the request may still be running)."""
+
+
 def classify(error) -> PlateformeError:
     """A tritonclient / gRPC error as the PlateformeError its status calls for."""
     message = error.message() if callable(getattr(error, "message", None)) else None
@@ -67,7 +71,9 @@ def classify(error) -> PlateformeError:
     if status is None and callable(getattr(error, "code", None)):
         status = error.code()
     status = str(status or "")
-    if "UNAVAILABLE" in status or "DEADLINE" in status or "unavailable" in message.lower():
+    if "DEADLINE" in status:
+        return AnswerTimeoutError(message or "no answer within the timeout")
+    if "UNAVAILABLE" in status or "unavailable" in message.lower():
         return ServerUnavailableError(message or f"Triton is unavailable ({status})")
     if "NOT_FOUND" in status or re.search(r"unknown model|not found", message or "", re.I):
         return ModelNotFoundError(message)
@@ -186,6 +192,12 @@ class _TransportSettings:
     def _retry_delay(self, attempt: int) -> float:
         return self.retry_backoff * 2 ** attempt
 
+    def _tries_again(self, error: Exception, attempt: int) -> bool:
+        """Whether attempt `attempt` (from 0) is followed by another: while Triton is unavailable,
+        never after a timeout (the request may still be running there)."""
+        return (isinstance(error, ServerUnavailableError) and not isinstance(error, AnswerTimeoutError)
+                and attempt < self.retries)
+
 
 # -- sync transport ----------------------------------------------------------------------------
 class Transport(_TransportSettings):
@@ -211,8 +223,8 @@ class Transport(_TransportSettings):
                     started = True
                     yield chunk
                 return
-            except ServerUnavailableError:
-                if started or attempt == self.retries:
+            except ServerUnavailableError as exc:
+                if started or not self._tries_again(exc, attempt):
                     raise
                 time.sleep(self._retry_delay(attempt))
 
@@ -237,7 +249,7 @@ class Transport(_TransportSettings):
             except (InferenceServerException, OSError) as exc:
                 error = classify(exc) if isinstance(exc, InferenceServerException) else \
                     ServerUnavailableError(f"Triton at {self.url} is unreachable: {exc}")
-                if not isinstance(error, ServerUnavailableError) or attempt == self.retries:
+                if not self._tries_again(error, attempt):
                     raise error from None
                 time.sleep(self._retry_delay(attempt))
             finally:
@@ -290,7 +302,7 @@ class Transport(_TransportSettings):
                 try:
                     result, error = results.get(timeout=self.timeout)
                 except queue.Empty:
-                    raise ServerUnavailableError(f"no response from {model} within {self.timeout:.0f} s") from None
+                    raise AnswerTimeoutError(f"no response from {model} within {self.timeout:.0f} s") from None
                 if error is not None:
                     raise classify(error)
                 response = result.get_response()
@@ -435,9 +447,10 @@ class _SharedStream:
                         return chunks
         except TimeoutError:
             # The request runs on in Triton to its end; its responses are dropped.
-            raise ServerUnavailableError(f"no answer from {model} within {timeout} s") from None
-        except grpc.RpcError as exc:
-            raise _rpc_error(exc, self.url) from None
+            raise AnswerTimeoutError(f"no answer from {model} within {timeout} s") from None
+        except grpc.RpcError as exc:  # the RPC ended: so did the stream
+            self.broken = self.broken or _rpc_error(exc, self.url)
+            raise self.broken from None
         finally:
             del self._pending[request.id]
 
@@ -488,8 +501,8 @@ class AsyncTransport(_TransportSettings):
                     started = True
                     yield chunk
                 return
-            except ServerUnavailableError:
-                if started or attempt == self.retries:
+            except ServerUnavailableError as exc:
+                if started or not self._tries_again(exc, attempt):
                     raise
             finally:
                 await chunks.aclose()
@@ -505,8 +518,8 @@ class AsyncTransport(_TransportSettings):
                 self._shared = _SharedStream(stub, self.url)
             try:
                 return join_chunks(await self._shared.request(model, inputs, self.timeout))
-            except ServerUnavailableError:
-                if attempt == self.retries:
+            except ServerUnavailableError as exc:
+                if not self._tries_again(exc, attempt):
                     raise
             await asyncio.sleep(self._retry_delay(attempt))
         raise AssertionError("unreachable")
@@ -520,8 +533,8 @@ class AsyncTransport(_TransportSettings):
                 if self.protocol == "grpc":
                     return await self._grpc_infer(model, {"text_input": (array, "BYTES")})
                 return await self._http_infer(model, texts)
-            except ServerUnavailableError:
-                if attempt == self.retries:
+            except ServerUnavailableError as exc:
+                if not self._tries_again(exc, attempt):
                     raise
             await asyncio.sleep(self._retry_delay(attempt))
         raise AssertionError("unreachable")
@@ -621,7 +634,9 @@ class AsyncTransport(_TransportSettings):
 def _rpc_error(exc, url: str) -> PlateformeError:
     import grpc
 
-    if exc.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
+    if exc.code() == grpc.StatusCode.DEADLINE_EXCEEDED:
+        return AnswerTimeoutError(f"Triton at {url}: no answer within the timeout ({exc.details() or 'deadline'})")
+    if exc.code() == grpc.StatusCode.UNAVAILABLE:
         return ServerUnavailableError(f"Triton at {url}: {exc.details() or exc.code().name}")
     return classify(exc)
 

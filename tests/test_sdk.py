@@ -9,8 +9,8 @@ import pytest
 
 from plateforme.clients.registry import Registry
 from plateforme.clients.sdk import (
-    SAFE_PROMPT, InvalidRequestError, ModelNotFoundError, PlateformeClient, ServerUnavailableError, parse_tool_calls,
-    plan_chat,
+    SAFE_PROMPT, AnswerTimeoutError, InvalidRequestError, ModelNotFoundError, PlateformeClient, ServerUnavailableError,
+    parse_tool_calls, plan_chat,
 )
 
 WEATHER_TOOL = {"type": "function", "function": {
@@ -291,18 +291,39 @@ def test_whole_answers_share_one_stream_without_cross_talk(server):
             transport.complete("mistral-tiny", chat_tensors(messages_json="{not json")),
             transport.complete("no-such-model", inputs("hi")), return_exceptions=True)
         transport.timeout = 0.05
-        with pytest.raises(ServerUnavailableError, match="no answer from mistral-tiny within"):
+        with pytest.raises(AnswerTimeoutError, match="no answer from mistral-tiny within"):
             await transport.complete("mistral-tiny", inputs("Talk.", max_tokens=200, min_tokens=200))
         transport.timeout = 60
+        wait_for_idle_engine(server)  # the request given up on runs to its end in Triton, once: not retried
+        finished.append(_answered(server, "mistral-tiny", at_least=finished[0][0] + 21))
         after = await transport.complete("mistral-tiny", inputs(prompts[0]))
         same_stream = transport._shared is stream
         await transport.close()
         return alone, together, after, same_stream
 
+    finished = [_answered(server, "mistral-tiny")]
     alone, together, after, same_stream = asyncio.run(run())
     assert [c.text for c in together[:10]] == [c.text for c in alone]
     assert all(c.num_output_tokens == 8 for c in alone)
     assert isinstance(together[10], InvalidRequestError) and "not valid JSON" in str(together[10])
     assert isinstance(together[11], ModelNotFoundError)
     assert after.text == alone[0].text and same_stream
-    wait_for_idle_engine(server)  # the request given up on runs to its end in Triton
+    (succeeded, failed), (succeeded_after, failed_after) = finished
+    # 10 alone, 10 together and the timed-out one once (not retried); the invalid one failed.
+    assert succeeded_after - succeeded == 21 and failed_after > failed
+
+
+def _answered(server, model: str, at_least: int = 0) -> tuple[int, int]:
+    """(succeeded, failed) request counts of `model` in Triton's statistics extension, once at
+    least `at_least` succeeded (a request is counted when its last response has gone out)."""
+    import time
+    import urllib.request
+
+    deadline = time.monotonic() + 10
+    while True:
+        with urllib.request.urlopen(f"http://{server.http_url}/v2/models/{model}/stats", timeout=10) as reply:
+            stats = json.load(reply)["model_stats"][0]["inference_stats"]
+        counts = int(stats["success"]["count"]), int(stats["fail"]["count"])
+        if counts[0] >= at_least or time.monotonic() > deadline:
+            return counts
+        time.sleep(0.05)
