@@ -381,17 +381,35 @@ def _infer_request(model: str, inputs: Tensors, streamed: bool):
 
 
 class _SharedStream:
-    """One long-lived ModelStreamInfer RPC carrying many requests, their responses told apart by
-    request id: no stream set-up per request. A request on it cannot be cancelled alone (gRPC
-    cancels whole streams), so only whole answers (`complete`) use it."""
+    """One ModelStreamInfer RPC carrying many requests, their responses told apart by request id:
+    no stream set-up per request. A request on it cannot be cancelled alone (gRPC cancels whole
+    streams), so only whole answers (`complete`) use it. Idle for `IDLE_CLOSE_S`, it closes its
+    sending side: Triton's graceful shutdown waits for every open stream to end."""
+
+    IDLE_CLOSE_S = 1.0
 
     def __init__(self, stub, url: str):
         self.url = url
-        self.broken: PlateformeError | None = None
+        self.broken: PlateformeError | None = None  # set once the stream can take no more requests
         self._call = stub.ModelStreamInfer()
         self._write_lock = asyncio.Lock()  # grpc.aio takes one write at a time
         self._pending: dict[str, asyncio.Queue] = {}
+        self._idle_timer: asyncio.TimerHandle | None = None
+        self._closing: asyncio.Future | None = None
         self._reader = asyncio.create_task(self._read())
+
+    def _close_when_idle(self) -> None:
+        self._idle_timer = None
+        if not self._pending and self.broken is None:
+            self.broken = ServerUnavailableError("the shared stream closed when idle")
+            self._closing = asyncio.ensure_future(self._done_writing())  # held: tasks are weakly referenced
+
+    async def _done_writing(self) -> None:
+        import grpc
+
+        with contextlib.suppress(grpc.RpcError, asyncio.InvalidStateError):
+            async with self._write_lock:
+                await self._call.done_writing()
 
     async def _read(self) -> None:
         import grpc
@@ -405,7 +423,10 @@ class _SharedStream:
                 if answer is not None:
                     answer.put_nowait(response)
         except grpc.RpcError as exc:
-            self._fail(_rpc_error(exc, self.url))
+            # Whatever its status (a server shutting down ends it as INTERNAL), the stream is gone and
+            # its requests unanswered: unavailable, to be retried on a new stream.
+            self._fail(ServerUnavailableError(f"the stream to Triton at {self.url} ended: "
+                                              f"{exc.details() or exc.code().name}"))
         except PlateformeError as exc:
             self._fail(exc)
         except asyncio.CancelledError:
@@ -425,6 +446,9 @@ class _SharedStream:
 
         if self.broken is not None:
             raise self.broken
+        if self._idle_timer is not None:
+            self._idle_timer.cancel()
+            self._idle_timer = None
         request = _infer_request(model, inputs, streamed=True)
         answer: asyncio.Queue = asyncio.Queue()
         self._pending[request.id] = answer
@@ -449,12 +473,17 @@ class _SharedStream:
             # The request runs on in Triton to its end; its responses are dropped.
             raise AnswerTimeoutError(f"no answer from {model} within {timeout} s") from None
         except grpc.RpcError as exc:  # the RPC ended: so did the stream
-            self.broken = self.broken or _rpc_error(exc, self.url)
+            self.broken = self.broken or ServerUnavailableError(
+                f"the stream to Triton at {self.url} ended: {exc.details() or exc.code().name}")
             raise self.broken from None
         finally:
             del self._pending[request.id]
+            if not self._pending and self.broken is None:
+                self._idle_timer = asyncio.get_running_loop().call_later(self.IDLE_CLOSE_S, self._close_when_idle)
 
     async def close(self) -> None:
+        if self._idle_timer is not None:
+            self._idle_timer.cancel()
         self._call.cancel()
         self._reader.cancel()
         with contextlib.suppress(asyncio.CancelledError):
@@ -483,7 +512,11 @@ class AsyncTransport(_TransportSettings):
 
                 self._channel = grpc.aio.insecure_channel(self.url, options=[
                     ("grpc.max_send_message_length", MAX_GRPC_MESSAGE_SIZE),
-                    ("grpc.max_receive_message_length", MAX_GRPC_MESSAGE_SIZE)])
+                    ("grpc.max_receive_message_length", MAX_GRPC_MESSAGE_SIZE),
+                    # gRPC's default waits up to 2 minutes between reconnections: a long-lived
+                    # channel would stay failed that long after Triton comes back.
+                    ("grpc.initial_reconnect_backoff_ms", 100), ("grpc.min_reconnect_backoff_ms", 100),
+                    ("grpc.max_reconnect_backoff_ms", 1000)])
                 self._stub = service_pb2_grpc.GRPCInferenceServiceStub(self._channel)
             else:
                 import aiohttp

@@ -327,3 +327,52 @@ def _answered(server, model: str, at_least: int = 0) -> tuple[int, int]:
         if counts[0] >= at_least or time.monotonic() > deadline:
             return counts
         time.sleep(0.05)
+
+
+@needs_server
+def test_shared_stream_recovers_when_triton_restarts(tmp_path, tiny_mistral_dir):
+    """Triton killed under a pending request: that request fails as unavailable (503), and once
+    Triton is back the next one opens a new stream. An idle shared stream closes itself, so that
+    Triton's graceful shutdown (which waits for open streams) does not wait for the client."""
+    import asyncio
+    import time
+
+    from plateforme.builders.repository import ChatEndpoint, render_repository
+    from plateforme.clients.triton_client import AsyncTransport, GenerationParams, _SharedStream, chat_tensors
+    from plateforme.server import ServerConfig, TritonServer, free_port
+    from triton_helpers import metric
+
+    repository = render_repository(tmp_path / "models", chat=[ChatEndpoint("mistral-tiny", tiny_mistral_dir,
+                                                                           dtype="float32", max_batch_size=2)])
+    config = ServerConfig(repository, http_port=free_port(), grpc_port=free_port(), metrics_port=free_port())
+    short = chat_tensors(GenerationParams(max_tokens=4, temperature=0.0), prompt="hello")
+    long = chat_tensors(GenerationParams(max_tokens=200, min_tokens=200, temperature=0.0), prompt="hello")
+
+    async def run():
+        # Retries span ~3 s: the channel reconnects within 1 s of Triton being back.
+        transport = AsyncTransport(f"127.0.0.1:{config.grpc_port}", retries=4, retry_backoff=0.2)
+        server = TritonServer(config).start()
+        try:
+            before = await transport.complete("mistral-tiny", short)
+            first_stream = transport._shared
+            pending = asyncio.ensure_future(transport.complete("mistral-tiny", long))
+            while metric(server, "plateforme_engine_active_sequences", "mistral-tiny-engine") == 0:
+                await asyncio.sleep(0.01)
+            server.process.kill()
+            with pytest.raises(ServerUnavailableError):
+                await pending
+        finally:
+            server.stop()
+        with TritonServer(config) as server:
+            after = await transport.complete("mistral-tiny", short)
+            second_stream = transport._shared
+            await asyncio.sleep(_SharedStream.IDLE_CLOSE_S + 0.5)
+            started = time.monotonic()
+            await asyncio.to_thread(server.stop)
+            stop_seconds = time.monotonic() - started
+        await transport.close()
+        return before, after, second_stream is not first_stream, second_stream.broken, stop_seconds
+
+    before, after, new_stream, idle_closed, stop_seconds = asyncio.run(run())
+    assert before.text == after.text and before.num_output_tokens == 4 and new_stream
+    assert idle_closed is not None and stop_seconds < 15  # Triton's launcher kills it after 30 s
