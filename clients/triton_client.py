@@ -380,6 +380,20 @@ def _infer_request(model: str, inputs: Tensors, streamed: bool):
     return request
 
 
+def _stream_response(response) -> tuple[GenerationChunk | None, bool]:
+    """A ModelStreamInfer response as (its chunk, or None without outputs; whether it is the
+    request's last); an error response raises the PlateformeError it calls for."""
+    from tritonclient.grpc import InferResult
+    from tritonclient.utils import InferenceServerException
+
+    if response.error_message:
+        raise classify(InferenceServerException(msg=response.error_message))
+    infer = response.infer_response
+    chunk = _chunk(InferResult(infer).as_numpy) if infer.outputs else None
+    final = infer.parameters.get("triton_final_response")
+    return chunk, final is not None and final.bool_param
+
+
 class _SharedStream:
     """One ModelStreamInfer RPC carrying many requests, their responses told apart by request id:
     no stream set-up per request. A request on it cannot be cancelled alone (gRPC cancels whole
@@ -423,15 +437,17 @@ class _SharedStream:
                 if answer is not None:
                     answer.put_nowait(response)
         except grpc.RpcError as exc:
-            # Whatever its status (a server shutting down ends it as INTERNAL), the stream is gone and
-            # its requests unanswered: unavailable, to be retried on a new stream.
-            self._fail(ServerUnavailableError(f"the stream to Triton at {self.url} ended: "
-                                              f"{exc.details() or exc.code().name}"))
+            self._fail(self._ended(exc))
         except PlateformeError as exc:
             self._fail(exc)
         except asyncio.CancelledError:
             self._fail(ServerUnavailableError("the shared stream was closed"))
             raise
+
+    def _ended(self, exc) -> ServerUnavailableError:
+        # Whatever its status (a server shutting down ends it as INTERNAL), the stream is gone and
+        # its requests unanswered: unavailable, to be retried on a new stream.
+        return ServerUnavailableError(f"the stream to Triton at {self.url} ended: {exc.details() or exc.code().name}")
 
     def _fail(self, error: PlateformeError) -> None:
         self.broken = error
@@ -441,8 +457,6 @@ class _SharedStream:
     async def request(self, model: str, inputs: Tensors, timeout: float) -> list[GenerationChunk]:
         """Every chunk of one request, up to its final response."""
         import grpc
-        from tritonclient.grpc import InferResult
-        from tritonclient.utils import InferenceServerException
 
         if self.broken is not None:
             raise self.broken
@@ -461,20 +475,16 @@ class _SharedStream:
                     response = await answer.get()
                     if isinstance(response, PlateformeError):
                         raise response
-                    if response.error_message:
-                        raise classify(InferenceServerException(msg=response.error_message))
-                    infer = response.infer_response
-                    if infer.outputs:
-                        chunks.append(_chunk(InferResult(infer).as_numpy))
-                    final = infer.parameters.get("triton_final_response")
-                    if final is not None and final.bool_param:
+                    chunk, final = _stream_response(response)
+                    if chunk is not None:
+                        chunks.append(chunk)
+                    if final:
                         return chunks
         except TimeoutError:
             # The request runs on in Triton to its end; its responses are dropped.
             raise AnswerTimeoutError(f"no answer from {model} within {timeout} s") from None
         except grpc.RpcError as exc:  # the RPC ended: so did the stream
-            self.broken = self.broken or ServerUnavailableError(
-                f"the stream to Triton at {self.url} ended: {exc.details() or exc.code().name}")
+            self.broken = self.broken or self._ended(exc)
             raise self.broken from None
         finally:
             del self._pending[request.id]
@@ -545,27 +555,28 @@ class AsyncTransport(_TransportSettings):
         """The whole answer of one request; retried while the server is unavailable."""
         if self.protocol != "grpc":
             return join_chunks([chunk async for chunk in self.generate(model, inputs, stream=False)])
-        for attempt in range(self.retries + 1):
+
+        async def on_shared_stream():
             stub = self._connect()
             if self._shared is None or self._shared.broken is not None:
                 self._shared = _SharedStream(stub, self.url)
-            try:
-                return join_chunks(await self._shared.request(model, inputs, self.timeout))
-            except ServerUnavailableError as exc:
-                if not self._tries_again(exc, attempt):
-                    raise
-            await asyncio.sleep(self._retry_delay(attempt))
-        raise AssertionError("unreachable")
+            return join_chunks(await self._shared.request(model, inputs, self.timeout))
+
+        return await self._retried(on_shared_stream)
 
     async def embed(self, model: str, texts: list[str]) -> tuple[np.ndarray, list[int]]:
         if not texts:
             raise InvalidRequestError("input must not be empty")
         array = np.array([[t.encode()] for t in texts], dtype=object)
+        if self.protocol == "grpc":
+            return await self._retried(lambda: self._grpc_infer(model, {"text_input": (array, "BYTES")}))
+        return await self._retried(lambda: self._http_infer(model, texts))
+
+    async def _retried(self, call):
+        """`await call()`, called again while Triton is unavailable (see `_tries_again`)."""
         for attempt in range(self.retries + 1):
             try:
-                if self.protocol == "grpc":
-                    return await self._grpc_infer(model, {"text_input": (array, "BYTES")})
-                return await self._http_infer(model, texts)
+                return await call()
             except ServerUnavailableError as exc:
                 if not self._tries_again(exc, attempt):
                     raise
@@ -584,8 +595,6 @@ class AsyncTransport(_TransportSettings):
 
     async def _grpc(self, model: str, inputs: Tensors) -> AsyncIterator[GenerationChunk]:
         import grpc
-        from tritonclient.grpc import InferResult
-        from tritonclient.utils import InferenceServerException
 
         call = self._connect().ModelStreamInfer(timeout=self.timeout)
         finished = False
@@ -598,14 +607,10 @@ class AsyncTransport(_TransportSettings):
                 response = await call.read()
                 if response is grpc.aio.EOF:
                     raise ServerUnavailableError(f"the stream of {model} ended without a final response")
-                if response.error_message:
-                    raise classify(InferenceServerException(msg=response.error_message))
-                infer = response.infer_response
-                if infer.outputs:
-                    yield _chunk(InferResult(infer).as_numpy)
-                final = infer.parameters.get("triton_final_response")
-                if final is not None and final.bool_param:
-                    finished = True
+                chunk, finished = _stream_response(response)
+                if chunk is not None:
+                    yield chunk
+                if finished:
                     return
         except grpc.RpcError as exc:
             raise _rpc_error(exc, self.url) from None
