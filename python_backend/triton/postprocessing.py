@@ -23,23 +23,24 @@ class TritonPythonModel:
     def execute(self, requests):
         responses = []
         for request in requests:
+            inputs = t.input_arrays(request)
             # Asking is an IPC round trip: skipped on a last chunk, whose sequence already ended.
-            final = t.scalar(request, "FINISH_REASON", 0, t.text, "") != ""
+            final = t.scalar(inputs, "FINISH_REASON", 0, t.text, "") != ""
             if not final and request.is_cancelled():
-                self._stop_engine(request)
+                self._stop_engine(inputs)
                 responses.append(pb_utils.InferenceResponse(
                     output_tensors=[], error=pb_utils.TritonError("request cancelled", pb_utils.TritonError.CANCELLED)))
                 continue
             try:
-                responses.append(self._decode(request))
+                responses.append(self._decode(inputs))
             except ValueError as exc:
                 responses.append(t.error_response(exc))
         return responses
 
-    def _decode(self, request):
-        tokens = t.optional_array(request, "TOKENS_BATCH")  # [batch, beams, tokens]
-        lengths = t.optional_array(request, "SEQUENCE_LENGTH")  # [batch, beams]
-        prefixes = t.optional_array(request, "PREFIX_IDS")  # [batch, beams, <=16] when streaming
+    def _decode(self, inputs: dict):
+        tokens = t.optional_array(inputs, "TOKENS_BATCH")  # [batch, beams, tokens]
+        lengths = t.optional_array(inputs, "SEQUENCE_LENGTH")  # [batch, beams]
+        prefixes = t.optional_array(inputs, "PREFIX_IDS")  # [batch, beams, <=16] when streaming
         if tokens.ndim != 3 or lengths.shape != tokens.shape[:2]:
             raise t.InputError(
                 f"TOKENS_BATCH {list(tokens.shape)} and SEQUENCE_LENGTH {list(lengths.shape)} do not match"
@@ -56,9 +57,9 @@ class TritonPythonModel:
                 texts[row, beam] = text.encode("utf-8")
         return pb_utils.InferenceResponse(output_tensors=[pb_utils.Tensor("OUTPUT", texts)])
 
-    def _stop_engine(self, request) -> None:
+    def _stop_engine(self, inputs: dict) -> None:
         """Free the engine's slot of a cancelled stream: the engine itself is never told."""
-        engine_id = t.scalar(request, "ENGINE_REQUEST_ID", 0, t.text, "")
+        engine_id = t.scalar(inputs, "ENGINE_REQUEST_ID", 0, t.text, "")
         if not (engine_id and self.engine_model):
             return
         inputs = [
