@@ -272,6 +272,75 @@ def test_engine_logits_with_and_without_the_kernel_on_gpu(tiny_mixtral_dir):
     assert err < 2e-2
 
 
+GPU_CASES = {
+    **{name: [tokens, hidden, inter, experts, top_k, str(dtype).removeprefix("torch."), edit, int(mode)]
+       for name, (tokens, hidden, inter, experts, top_k, dtype, edit, mode) in CASES.items()},
+    # Blocks of 64 and 128 rows (the table's choice at this M): the tensor-core paths of larger M.
+    "many tokens bf16": [1000, 512, 768, 8, 2, "bfloat16", None, 1],
+    "many tokens fp16": [1000, 512, 768, 8, 2, "float16", None, 1],
+    "many tokens fp32": [600, 256, 384, 8, 2, "float32", None, 1],
+}  # fmt: skip
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_compiled_kernel_matches_reference_on_gpu():
+    """Compiled on CUDA: every case above with small blocks and with the device table's blocks, and
+    four expert-parallel ranks, against the reference in float64 on fresh inputs. Freed memory is
+    filled with NaN before each call, so an output element the kernels never wrote shows up."""
+    script = textwrap.dedent(
+        f"""
+        import json, torch
+        from plateforme.python_backend.kernels import MoeKernelConfig, fused_moe, reference_moe
+        cases = json.loads({json.dumps(json.dumps(GPU_CASES))})
+        small = MoeKernelConfig(block_m=16, block_n=16, block_k=16)
+        g = torch.Generator(device="cuda").manual_seed(20261130)
+
+        def poisoned(fn):
+            torch.full((1 << 26,), float("nan"), device="cuda")  # freed at once, then reused
+            out = fn()
+            torch.cuda.synchronize()
+            return out
+
+        def err(out, ref):
+            return float((out.double() - ref).norm() / ref.norm()) if torch.isfinite(out).all() else float("nan")
+
+        report = {{}}
+        for name, (tokens, hidden, inter, experts, top_k, dtype, edit, mode) in cases.items():
+            dtype = getattr(torch, dtype)
+            x = torch.randn(tokens, hidden, device="cuda", generator=g).to(dtype)
+            logits = torch.randn(tokens, experts, device="cuda", generator=g)
+            if edit:
+                what, expert = edit.split()
+                logits[:, int(expert)] = -1e4 if what == "starve" else 1e4
+            w_fc = (torch.randn(experts, 2 * inter, hidden, device="cuda", generator=g) * hidden**-0.5).to(dtype)
+            w_proj = (torch.randn(experts, hidden, inter, device="cuda", generator=g) * inter**-0.5).to(dtype)
+            ref = reference_moe(x.double(), logits, w_fc.double(), w_proj.double(), top_k, normalization=mode)
+            for label, config in (("small blocks", small), ("table", None)):
+                out = poisoned(lambda: fused_moe(x, logits, w_fc, w_proj, top_k, normalization=mode, config=config))
+                report[f"{{name}}, {{label}}"] = [str(dtype), err(out, ref)]
+            if experts == 8:  # four ranks of two experts each
+                ranks = [
+                    poisoned(lambda s=s: fused_moe(x, logits, w_fc[s:s + 2].contiguous(), w_proj[s:s + 2].contiguous(),
+                                                   top_k, normalization=mode, expert_start=s))
+                    for s in (0, 2, 4, 6)
+                ]
+                report[f"{{name}}, expert-parallel"] = [str(dtype), err(sum(r.double() for r in ranks), ref)]
+        print(json.dumps(report))
+        """
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", script], env=subprocess_env(), capture_output=True, text=True, timeout=600, check=False
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = json.loads(result.stdout.strip().splitlines()[-1])
+    tolerance = {str(dtype): limit for dtype, limit in TOLERANCE.items()}
+    for case, (dtype, err) in report.items():
+        print(f"GPU {case} ({dtype}): ||out - ref|| / ||ref|| = {err:.2e}")
+    failed = {case: err for case, (dtype, err) in report.items() if not err < tolerance[dtype]}
+    assert not failed, f"relative errors over the tolerance (nan: an element not written): {failed}"
+    assert len(report) == 2 * len(GPU_CASES) + sum(case[3] == 8 for case in GPU_CASES.values())
+
+
 # -- block-size tables ------------------------------------------------------------------------------
 def test_default_table_covers_every_token_count():
     table = json.loads(DEFAULT_TABLE.read_text())
