@@ -3,8 +3,10 @@ from __future__ import annotations
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from plateforme.python_backend.model import Segment, load_model
+from plateforme.python_backend.model.batch import decode_attention
 
 
 @pytest.fixture(scope="module", params=["tiny_mistral_dir", "tiny_mixtral_dir"])
@@ -76,3 +78,23 @@ def test_a_gap_in_positions_is_refused(model):
     slot = cache.allocate()
     with pytest.raises(ValueError, match="cannot continue"):
         model.forward_batch(torch.tensor([1, 2]), [Segment(slot, 3, 2)], cache)
+
+
+@pytest.mark.parametrize("dtype,tolerance", [(torch.float32, 1e-6), (torch.bfloat16, 1e-2)])
+def test_decode_attention_matches_sdpa(dtype, tolerance):
+    """One query per slot, grouped-query heads, a key mask per slot (lengths, a window, one key)."""
+    g = torch.Generator().manual_seed(3)
+    slots, heads, kv_heads, head_dim, n_keys = 5, 6, 2, 16, 30
+    q = torch.randn(slots, heads, head_dim, generator=g).to(dtype)
+    k, v = (torch.randn(slots, kv_heads, n_keys, head_dim, generator=g).to(dtype) for _ in range(2))
+    mask = torch.arange(n_keys)[None, :] < torch.tensor([30, 1, 17, 9, 30])[:, None]
+    mask[4, :20] = False  # a sliding window of the last 10 keys
+    mask = mask[:, None, None, :]
+    out = decode_attention(q, k, v, mask)
+    ref = F.scaled_dot_product_attention(
+        q.double()[:, :, None], k.double(), v.double(), attn_mask=mask, enable_gqa=True
+    )[:, :, 0]
+    assert out.dtype == dtype and out.shape == q.shape
+    assert float((out.double() - ref).norm() / ref.norm()) < tolerance
+    # Slot 1 sees its first key alone: its output is that key's value, for each query head's group.
+    torch.testing.assert_close(out[1].double(), v[1, :, 0].double().repeat_interleave(3, dim=0), atol=1e-6, rtol=0)

@@ -174,6 +174,19 @@ class BatchPlan:
             cache.lengths[seg.slot] = seg.start_pos + seg.n_tokens
 
 
+def decode_attention(queries: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """One query per slot: queries [S, H, D] against keys, values [S, KV, L, D] where ``mask``
+    [S, 1, 1, L] allows. Two batched matmuls over the slots' KV-head groups, softmax in float32 (as
+    HF's eager attention). For a single query row, CPU SDPA is no faster in float32 and about 6x
+    slower in bfloat16 (measured at 16 slots, 9/3 heads, 170 keys)."""
+    n_slots, n_heads, head_dim = queries.shape
+    grouped = queries.view(n_slots, keys.shape[1], n_heads // keys.shape[1], head_dim)  # [S, KV, G, D]
+    scores = torch.matmul(grouped, keys.transpose(-1, -2)).float() * head_dim**-0.5  # [S, KV, G, L]
+    scores.masked_fill_(~mask, float("-inf"))
+    probs = torch.softmax(scores, dim=-1).to(values.dtype)
+    return torch.matmul(probs, values).view(n_slots, n_heads, head_dim)
+
+
 def batched_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: BatchPlan, layer: int) -> torch.Tensor:
     """Attention output [N, n_heads, head_dim] for rotated q [N, H, D], k and v [N, KV, D]; writes k, v."""
     cache = plan.cache
@@ -186,12 +199,10 @@ def batched_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: B
                 0, plan.decode_kv_rows, new.index_select(0, rows).reshape(-1, head_dim))
         keys = cache.kv[layer, 0, : plan.slot_range, :, : plan.decode_len]
         values = cache.kv[layer, 1, : plan.slot_range, :, : plan.decode_len]
-        queries = q.new_zeros(plan.slot_range, q.shape[1], 1, q.shape[2])
-        queries.index_copy_(0, slots, q.index_select(0, rows)[:, :, None])
-        attended = torch.nn.functional.scaled_dot_product_attention(
-            queries, keys, values, attn_mask=plan.decode_mask, enable_gqa=True
-        )
-        out.index_copy_(0, rows, attended.index_select(0, slots)[:, :, 0])
+        queries = q.new_zeros(plan.slot_range, q.shape[1], q.shape[2])
+        queries.index_copy_(0, slots, q.index_select(0, rows))
+        attended = decode_attention(queries, keys, values, plan.decode_mask)
+        out.index_copy_(0, rows, attended.index_select(0, slots))
     for index, cached, mask, first_kept, write_index in plan.prefill:
         seg, start = plan.segments[index], plan.offsets[index]
         rows = slice(start, start + seg.n_tokens)
