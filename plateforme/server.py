@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import glob
 import os
+import re
 import shutil
 import signal
 import socket
@@ -206,7 +207,8 @@ class TritonServer:
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
                 raise ServerError(
-                    f"tritonserver exited with code {self.process.returncode} during start-up; "
+                    f"tritonserver exited with code {self.process.returncode} during start-up"
+                    f"{''.join(f'; {failure}' for failure in self.load_failures())}; "
                     f"log {self.log_path}:\n{self.log_tail()}"
                 )
             with contextlib.suppress(urllib.error.URLError, ConnectionError, TimeoutError):
@@ -245,6 +247,17 @@ class TritonServer:
         if self._log_handle:
             self._log_handle.close()
             self._log_handle = None
+
+    def load_failures(self) -> list[str]:
+        """"model 'x' failed to load: <first line of the reason>" for each model the log says failed:
+        the reason is logged above the tail that start-up errors quote."""
+        try:
+            text = self.log_path.read_text(errors="replace")
+        except FileNotFoundError:
+            return []
+        # Triton logs the reason with its newlines escaped: keep what comes before the first one.
+        found = re.findall(r"failed to load '([^']+)' version \d+: (.*?)(?:\\n|\"?$)", text, re.MULTILINE)
+        return [f"model {model!r} failed to load: {reason.strip()}" for model, reason in found]
 
     def log_tail(self, lines: int = 40) -> str:
         try:

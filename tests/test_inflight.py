@@ -254,3 +254,23 @@ def test_num_return_sequences_through_the_bls(server):
     texts = {i: whole[i][0].reshape(-1)[0].decode() for i in whole}
     assert {i: "".join(c.reshape(-1)[0].decode() for c in chunks) for i, chunks in streamed.items()} == texts
     assert texts[0] != texts[1] and all(texts.values())
+
+
+def test_an_engine_that_cannot_load_fails_its_model_with_the_reason(tmp_path, tiny_mistral_dir):
+    """The engine is built on its own thread (see the engine model); a loading failure there still
+    fails the model's load, and the start-up error leads with the model and the loader's message."""
+    import shutil
+
+    from plateforme.builders.repository import ChatEndpoint, render_repository
+    from plateforme.server import ServerConfig, ServerError, TritonServer, free_port
+
+    broken = tmp_path / "broken"
+    shutil.copytree(tiny_mistral_dir, broken)
+    (broken / "model.safetensors").unlink()
+    repository = render_repository(tmp_path / "models", chat=[ChatEndpoint("broken", broken, dtype="float32")])
+    config = ServerConfig(repository, http_port=free_port(), grpc_port=free_port(), metrics_port=free_port(),
+                          log_file=tmp_path / "tritonserver.log")
+    server = TritonServer(config)
+    with pytest.raises(ServerError, match=r"start-up; model 'broken-engine' failed to load: .*neither model.safetensors nor"):
+        server.start(timeout=120)
+    assert not server.is_running()
