@@ -174,7 +174,9 @@ class BatchPlan:
             cache.lengths[seg.slot] = seg.start_pos + seg.n_tokens
 
 
-def decode_attention(queries: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+def decode_attention(
+    queries: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask: torch.Tensor
+) -> torch.Tensor:
     """One query per slot: queries [S, H, D] against keys, values [S, KV, L, D] where ``mask``
     [S, 1, 1, L] allows. Two batched matmuls over the slots' KV-head groups, softmax in float32 (as
     HF's eager attention). For a single query row, CPU SDPA is no faster in float32 and about 6x

@@ -155,7 +155,8 @@ class Transformer(nn.Module):
 
     def pack_weights(self) -> bool:
         """oneDNN-prepacked copies of the dense layers' weights and of the output projection, on CPU in
-        float32, or bfloat16 where it is native (see packing.py); False (nothing done) elsewhere. MoE experts keep their own path."""
+        float32, or bfloat16 where it is native (see packing.py); False (nothing done) elsewhere.
+        MoE experts keep their own path."""
         if not packing_available(self.dtype, self.device):
             return False
         for layer in self.layers:
