@@ -88,8 +88,41 @@ def _wait_for_metric(server, name, model, value, timeout=30.0):
     raise AssertionError(f"{name} for {model} stayed at {metric(server, name, model)}, expected {value}")
 
 
+# tritonserver 2.51's gRPC frontend can abort ("ASSERTION FAILED: prior > 0" in its log) when a
+# stream's cancellation races its last responses: triton-inference-server/server issues #7368 and
+# #8034, fixed in Triton 25.03, later than the 2.51 that nvidia-pytriton ships.
+UPSTREAM_CANCEL_ABORT = "ASSERTION FAILED: prior > 0"
+
+
+def _server_of_its_own(directory, checkpoint):
+    from plateforme.builders.repository import ChatEndpoint, render_repository
+    from plateforme.server import ServerConfig, TritonServer, free_port
+
+    repository = render_repository(directory / "models", chat=[
+        ChatEndpoint("mistral-tiny", checkpoint, dtype="float32", max_batch_size=16)])
+    return TritonServer(ServerConfig(repository, http_port=free_port(), grpc_port=free_port(),
+                                     metrics_port=free_port(), log_file=directory / "tritonserver.log"))
+
+
 @pytest.mark.parametrize("model", ["mistral-tiny", "mistral-tiny-bls"])
-def test_cancelled_streams_free_their_slots(server, model):
+def test_cancelled_streams_free_their_slots(tmp_path, tiny_mistral_dir, model):
+    """On a server of its own, so that the upstream abort above cannot end the shared one; after such
+    an abort (and only then) the test runs once more on a fresh server."""
+    for attempt in (1, 2):
+        server = _server_of_its_own(tmp_path / f"attempt{attempt}", tiny_mistral_dir)
+        with server:
+            try:
+                _cancel_twenty_streams(server, model)
+                return
+            except Exception:
+                aborted = not server.is_running() and UPSTREAM_CANCEL_ABORT in server.log_path.read_text()
+                if attempt == 2 or not aborted:
+                    raise
+                print(f"tritonserver aborted on the known upstream cancellation race ({UPSTREAM_CANCEL_ABORT}); "
+                      "running the test once more on a fresh server")
+
+
+def _cancel_twenty_streams(server, model):
     streams = _start_streams(server, 20, max_tokens=230, model=model)
     for _, responses in streams:  # every stream is generating
         result, error = responses.get(timeout=120)
@@ -261,16 +294,12 @@ def test_an_engine_that_cannot_load_fails_its_model_with_the_reason(tmp_path, ti
     fails the model's load, and the start-up error leads with the model and the loader's message."""
     import shutil
 
-    from plateforme.builders.repository import ChatEndpoint, render_repository
-    from plateforme.server import ServerConfig, ServerError, TritonServer, free_port
+    from plateforme.server import ServerError
 
     broken = tmp_path / "broken"
     shutil.copytree(tiny_mistral_dir, broken)
     (broken / "model.safetensors").unlink()
-    repository = render_repository(tmp_path / "models", chat=[ChatEndpoint("broken", broken, dtype="float32")])
-    config = ServerConfig(repository, http_port=free_port(), grpc_port=free_port(), metrics_port=free_port(),
-                          log_file=tmp_path / "tritonserver.log")
-    server = TritonServer(config)
-    with pytest.raises(ServerError, match=r"start-up; model 'broken-engine' failed to load: .*neither model.safetensors nor"):
+    server = _server_of_its_own(tmp_path, broken)
+    with pytest.raises(ServerError, match=r"start-up; model 'mistral-tiny-engine' failed to load: .*neither model.safetensors nor"):
         server.start(timeout=120)
     assert not server.is_running()
