@@ -277,12 +277,14 @@ class Engine:
             return []
         ids = torch.tensor(tokens, dtype=torch.long, device=self.model.device)
         logits = self.model.forward_batch(ids, segments, self.cache)
+        # One argmax over the batch serves every greedy row (one op, not one per sequence).
+        argmaxes = logits.argmax(dim=-1).tolist()
         outputs = []
         for row, seq in enumerate(owners):
             if seq.prefilled == len(seq.prompt):  # a decode step, or the prompt's last chunk
                 for member in [seq, *self._start_forks(seq)]:
                     try:
-                        outputs.append(self._advance(member, logits[row]))
+                        outputs.append(self._advance(member, logits[row], argmaxes[row]))
                     except ValueError as exc:  # e.g. a grammar that no allowed token can continue
                         outputs.append(self._finish(member, "error", len(member.tokens), exc))
         return outputs
@@ -296,8 +298,8 @@ class Engine:
             self._running.append(fork)
         return forks
 
-    def _advance(self, seq: _Sequence, logits: torch.Tensor) -> StepOutput:
-        token, log_prob = seq.sampler(logits, seq.tokens)
+    def _advance(self, seq: _Sequence, logits: torch.Tensor, argmax: int) -> StepOutput:
+        token, log_prob = seq.sampler(logits, seq.tokens, argmax)
         seq.generated += 1
 
         params = seq.params

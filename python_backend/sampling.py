@@ -128,12 +128,20 @@ class Sampler:
             prompt = torch.tensor(list(prompt_ids), dtype=torch.long)
             self.counts = torch.bincount(prompt, minlength=vocab_size)
 
-    def __call__(self, logits: torch.Tensor, generated: Sequence[int]) -> tuple[int, float]:
-        """Pick the token after ``generated`` from ``logits`` [vocab]; returns (token, log-prob)."""
+    def __call__(self, logits: torch.Tensor, generated: Sequence[int], argmax: int | None = None) -> tuple[int, float]:
+        """Pick the token after ``generated`` from ``logits`` [vocab]; returns (token, log-prob). The
+        log-prob is 0.0 unless the request asked for log probs. ``argmax``, when given, is
+        ``logits.argmax()`` (the engine takes it for the whole batch at once); it decides the token when
+        nothing changes the logits this step."""
+        if argmax is not None and self.plain_greedy(generated):
+            token, log_prob = argmax, 0.0
+            if self.params.return_log_probs:
+                log_prob = float(torch.log_softmax(logits.float(), dim=-1)[token])
+            return token, log_prob
         logits = self.process(logits, generated)
         if self.params.greedy:
             token = int(logits.argmax())
-            log_prob = float(torch.log_softmax(logits, dim=-1)[token])
+            log_prob = float(torch.log_softmax(logits, dim=-1)[token]) if self.params.return_log_probs else 0.0
         else:
             probs = torch.softmax(self._filter(logits), dim=-1)
             token = int(torch.multinomial(probs, 1, generator=self.generator))
@@ -143,6 +151,12 @@ class Sampler:
         if self.params.guide is not None:
             self.params.guide.accept(token)
         return token, log_prob
+
+    def plain_greedy(self, generated: Sequence[int]) -> bool:
+        """Greedy, and nothing in :meth:`process` changes the logits after ``generated``."""
+        p = self.params
+        bans_stops = len(generated) < p.min_tokens and (p.stop_words or p.end_id is not None)
+        return p.greedy and self.counts is None and p.guide is None and not p.bad_words and not bans_stops
 
     def process(self, logits: torch.Tensor, generated: Sequence[int]) -> torch.Tensor:
         """Float32 CPU copy of ``logits`` after temperature, penalties, bans and the guide's mask

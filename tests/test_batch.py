@@ -90,7 +90,8 @@ def test_decode_attention_matches_sdpa(dtype, tolerance):
     mask = torch.arange(n_keys)[None, :] < torch.tensor([30, 1, 17, 9, 30])[:, None]
     mask[4, :20] = False  # a sliding window of the last 10 keys
     mask = mask[:, None, None, :]
-    out = decode_attention(q, k, v, mask)
+    bias = torch.zeros(mask.shape, dtype=dtype).masked_fill_(~mask, float("-inf"))
+    out = decode_attention(q, k, v, bias)
     ref = F.scaled_dot_product_attention(
         q.double()[:, :, None], k.double(), v.double(), attn_mask=mask, enable_gqa=True
     )[:, :, 0]

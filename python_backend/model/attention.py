@@ -70,10 +70,11 @@ class Attention(nn.Module):
         n_tokens = x.shape[0]
         # The fused weight serves only while wq still points into it (not after a reload or a move).
         if self.wqkv is not None and self.wqkv.data_ptr() == self.wq.weight.data_ptr():
-            kv = self.n_kv_heads * self.head_dim
-            q, k, v = linear(x, self.wqkv, self.packed.get("wqkv")).split([self.n_heads * self.head_dim, kv, kv], dim=-1)
-        else:
-            q, k, v = self.wq(x), self.wk(x), self.wv(x)
+            qkv = linear(x, self.wqkv, self.packed.get("wqkv")).view(n_tokens, -1, self.head_dim)
+            # q and k rotate together: one set of elementwise ops for both.
+            qk = apply_rotary(qkv[:, : self.n_heads + self.n_kv_heads], cos, sin)
+            return qk[:, : self.n_heads], qk[:, self.n_heads :], qkv[:, self.n_heads + self.n_kv_heads :]
+        q, k, v = self.wq(x), self.wk(x), self.wv(x)
         q = q.view(n_tokens, self.n_heads, self.head_dim)
         k = k.view(n_tokens, self.n_kv_heads, self.head_dim)
         v = v.view(n_tokens, self.n_kv_heads, self.head_dim)

@@ -146,7 +146,14 @@ class BatchPlan:
             idle = torch.ones(self.slot_range, dtype=torch.bool, device=device)
             idle.index_fill_(0, self.decode_slots, False)
             mask[:, 0] |= idle
-            self.decode_mask = mask[:, None, None, :]
+            # Added to the scores: 0 where a key is seen, -inf where it is not (one tensor per step).
+            bias = torch.zeros(mask.shape, dtype=cache.kv.dtype, device=device)
+            self.decode_bias = bias.masked_fill_(~mask, float("-inf"))[:, None, None, :]
+            # In steady state the decode tokens are the batch's first rows, in slot order from slot 0:
+            # attention then reads and writes them in place, without gathering and scattering rows.
+            n_decode = len(decode)
+            self.decode_in_place = self.slot_range == n_decode and slots == list(range(n_decode)) \
+                and offsets[: n_decode] == list(range(n_decode))
             cache.ensure_initialized(self.slot_range, self.decode_len)
             for i in decode:
                 cache.lengths[segments[i].slot] = segments[i].start_pos + 1
@@ -175,36 +182,48 @@ class BatchPlan:
 
 
 def decode_attention(
-    queries: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask: torch.Tensor
+    queries: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, bias: torch.Tensor
 ) -> torch.Tensor:
-    """One query per slot: queries [S, H, D] against keys, values [S, KV, L, D] where ``mask``
-    [S, 1, 1, L] allows. Two batched matmuls over the slots' KV-head groups, softmax in float32 (as
-    HF's eager attention). For a single query row, CPU SDPA is no faster in float32 and about 6x
-    slower in bfloat16 (measured at 16 slots, 9/3 heads, 170 keys)."""
+    """One query per slot: queries [S, H, D] against keys, values [S, KV, L, D], plus ``bias`` [S, 1, 1, L]
+    (0 where a key is seen, -inf where not). Two batched matmuls over the slots' KV-head groups,
+    softmax in float32 (as HF's eager attention). For a single query row, CPU SDPA is no faster in
+    float32 and about 6x slower in bfloat16 (measured at 16 slots, 9/3 heads, 170 keys)."""
     n_slots, n_heads, head_dim = queries.shape
-    grouped = queries.view(n_slots, keys.shape[1], n_heads // keys.shape[1], head_dim)  # [S, KV, G, D]
-    scores = torch.matmul(grouped, keys.transpose(-1, -2)).float() * head_dim**-0.5  # [S, KV, G, L]
-    scores.masked_fill_(~mask, float("-inf"))
-    probs = torch.softmax(scores, dim=-1).to(values.dtype)
+    grouped = (queries * head_dim**-0.5).view(n_slots, keys.shape[1], n_heads // keys.shape[1], head_dim)
+    if keys.dtype != torch.float32:
+        # Reduced-precision batched matmuls copy strided operands anyway, and a transposed one
+        # slowly: copying the slot range's rows first costs about half (float32 reads them in place).
+        keys, values = keys.contiguous(), values.contiguous()
+    scores = torch.matmul(grouped, keys.transpose(-1, -2))  # [S, KV, G, L]
+    probs = torch.softmax(scores + bias, dim=-1, dtype=torch.float32).to(values.dtype)
     return torch.matmul(probs, values).view(n_slots, n_heads, head_dim)
 
 
 def batched_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: BatchPlan, layer: int) -> torch.Tensor:
     """Attention output [N, n_heads, head_dim] for rotated q [N, H, D], k and v [N, KV, D]; writes k, v."""
     cache = plan.cache
-    out = torch.empty_like(q)
+    if plan.decode and plan.decode_in_place and not plan.prefill:
+        out = None  # the decode attention's output is the whole output
+    else:
+        out = torch.empty_like(q)
     if plan.decode:
-        rows, slots = plan.decode_rows, plan.decode_slots
+        rows, slots, n_decode = plan.decode_rows, plan.decode_slots, len(plan.decode)
         head_dim = k.shape[-1]
         for kind, new in ((0, k), (1, v)):
-            cache.kv[layer, kind].view(-1, head_dim).index_copy_(
-                0, plan.decode_kv_rows, new.index_select(0, rows).reshape(-1, head_dim))
+            new_rows = new[:n_decode] if plan.decode_in_place else new.index_select(0, rows)
+            cache.kv[layer, kind].view(-1, head_dim).index_copy_(0, plan.decode_kv_rows, new_rows.reshape(-1, head_dim))
         keys = cache.kv[layer, 0, : plan.slot_range, :, : plan.decode_len]
         values = cache.kv[layer, 1, : plan.slot_range, :, : plan.decode_len]
-        queries = q.new_zeros(plan.slot_range, q.shape[1], q.shape[2])
-        queries.index_copy_(0, slots, q.index_select(0, rows))
-        attended = decode_attention(queries, keys, values, plan.decode_mask)
-        out.index_copy_(0, rows, attended.index_select(0, slots))
+        if plan.decode_in_place:
+            attended = decode_attention(q[:n_decode], keys, values, plan.decode_bias)
+            if out is None:
+                return attended
+            out[:n_decode] = attended
+        else:
+            queries = q.new_zeros(plan.slot_range, q.shape[1], q.shape[2])
+            queries.index_copy_(0, slots, q.index_select(0, rows))
+            attended = decode_attention(queries, keys, values, plan.decode_bias)
+            out.index_copy_(0, rows, attended.index_select(0, slots))
     for index, cached, mask, first_kept, write_index in plan.prefill:
         seg, start = plan.segments[index], plan.offsets[index]
         rows = slice(start, start + seg.n_tokens)
