@@ -35,6 +35,8 @@ SCHEDULER_POLICIES = ("guaranteed_no_evict", "max_utilization")
 # through the ensemble are stopped at once by a `stop` request; direct clients' disconnections are
 # noticed within this delay.
 DISCONNECT_POLL_S = 0.05
+# While the engine is busy, the metrics every step changes are sent at most this often.
+METRICS_INTERVAL_S = 0.1
 
 
 class EngineMetrics:
@@ -60,21 +62,35 @@ class EngineMetrics:
                                    "Wall seconds spent in engine steps (model forward and sampling)", counter)
 
         self._last: dict[str, float] = {}
+        self._unsent_tokens = 0
+        self._last_sent = 0.0
 
     def update(self, engine: Engine, generated: int) -> None:
+        """After a step that generated ``generated`` tokens. Each value sent is an IPC round trip to the
+        server, so only changed values are sent; the ones a step always changes (tokens, step time,
+        KV cache usage) at most every METRICS_INTERVAL_S while the batch stays the same, and with
+        every change of the batch, so that the figures read together agree."""
         stats = engine.stats()
-        # Each update is an IPC round trip to the server: only values that changed are sent.
-        for name, value in (("active", stats.running), ("queued", stats.queued),
-                            ("kv_usage", stats.kv_cache_used / stats.kv_cache_capacity)):
+        self._unsent_tokens += generated
+        batch = [("active", stats.running), ("queued", stats.queued)]
+        batch_changed = any(self._last.get(name) != value for name, value in batch)
+        values = []
+        now = time.monotonic()
+        if batch_changed or now - self._last_sent >= METRICS_INTERVAL_S or not engine.has_work():
+            self._last_sent = now
+            values.append(("kv_usage", stats.kv_cache_used / stats.kv_cache_capacity))
+            if self._unsent_tokens:
+                self.generated.increment(self._unsent_tokens)
+                self._unsent_tokens = 0
+            stepped = stats.step_seconds - self._last.get("step_seconds", 0.0)
+            if stepped > 0:
+                self.step_seconds.increment(stepped)
+                self._last["step_seconds"] = stats.step_seconds
+        # The batch last: whoever sees it change (a test waiting for 0 active) sees the rest updated.
+        for name, value in values + batch:
             if self._last.get(name) != value:
                 getattr(self, name).set(value)
                 self._last[name] = value
-        if generated:
-            self.generated.increment(generated)
-        stepped = stats.step_seconds - self._last.get("step_seconds", 0.0)
-        if stepped > 0:
-            self.step_seconds.increment(stepped)
-            self._last["step_seconds"] = stats.step_seconds
 
 
 @dataclass
@@ -248,7 +264,7 @@ class TritonPythonModel:
         outputs = self.engine.step() if self.engine.has_work() else []
         for output in outputs:
             self._respond(output)
-        # After the responses: each metric update is an IPC round trip they need not wait for.
+        # After the responses, which need not wait for metrics.
         self.metrics.update(self.engine, sum(len(o.token_ids) for o in outputs))
 
     def _drain_inbox(self, block: bool) -> None:
