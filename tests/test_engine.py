@@ -133,6 +133,18 @@ def test_sampled_log_prob_is_of_the_filtered_distribution():
     assert log_prob == pytest.approx(math.log(probs[token]))
 
 
+def test_greedy_takes_the_batch_argmax_only_when_nothing_changes_the_logits():
+    logits = torch.tensor([0.0, 3.0, 1.0, 5.0, 0.5, 0.0])  # argmax 3
+    plain = sampler(temperature=0.0)
+    assert plain(logits, [], argmax=3) == (3, 0.0)  # no log probs asked for: none computed
+    token, log_prob = sampler(temperature=0.0, return_log_probs=True)(logits, [], argmax=3)
+    assert token == 3 and log_prob == pytest.approx(float(torch.log_softmax(logits, dim=0)[3]))
+    # Before min_tokens, end_id 3 is banned: the hint is ignored and the next best token wins.
+    assert sampler(temperature=0.0, min_tokens=2, end_id=3)(logits, [], argmax=3)[0] == 1
+    assert sampler(temperature=0.0, bad_words=[[3]])(logits, [], argmax=3)[0] == 1
+    assert sampler(temperature=0.0, repetition_penalty=10.0)(torch.tensor([5.0, 4.9, 0, 0, 0, 0]), [], argmax=0)[0] == 1
+
+
 def test_penalties_follow_tensorrt_llm():
     # Token 0 seen once and token 1 twice (prompt and generated tokens count alike); temperature comes first.
     s = Sampler(
