@@ -160,7 +160,8 @@ class Sampler:
 
     def process(self, logits: torch.Tensor, generated: Sequence[int]) -> torch.Tensor:
         """Float32 CPU copy of ``logits`` after temperature, penalties, bans and the guide's mask
-        (before top-k / top-p)."""
+        (before top-k / top-p). :meth:`plain_greedy` names when none of them applies: keep the two
+        in step."""
         p = self.params
         logits = logits.detach().to("cpu", torch.float32, copy=True)
         if not p.greedy and p.temperature != 1:

@@ -73,6 +73,22 @@ def test_released_slot_is_reused_cleanly(model):
         cache.allocate()
 
 
+def test_decode_tokens_after_a_one_token_prompt_attend_as_alone(model):
+    """Decode tokens in slots 0..n-1 that are not the batch's first rows (a one-token prompt comes
+    first) are gathered and scattered, not read in place."""
+    prompts = [[5, 6, 7], [8, 9]]
+    cache = model.new_slot_cache(3, 64)
+    slots = [cache.allocate() for _ in range(3)]
+    with torch.inference_mode():
+        model.forward_batch(torch.tensor(prompts[0] + prompts[1]), [Segment(slots[0], 0, 3), Segment(slots[1], 0, 2)],
+                            cache)
+        segments = [Segment(slots[2], 0, 1), Segment(slots[0], 3, 1), Segment(slots[1], 2, 1)]
+        out = model.forward_batch(torch.tensor([11, 12, 13]), segments, cache)
+        expected = torch.stack([last_logits(model, [11]), last_logits(model, prompts[0] + [12]),
+                                last_logits(model, prompts[1] + [13])])
+    torch.testing.assert_close(out, expected, atol=1e-5, rtol=0)
+
+
 def test_a_gap_in_positions_is_refused(model):
     cache = model.new_slot_cache(1, 64)
     slot = cache.allocate()

@@ -149,11 +149,10 @@ class BatchPlan:
             # Added to the scores: 0 where a key is seen, -inf where it is not (one tensor per step).
             bias = torch.zeros(mask.shape, dtype=cache.kv.dtype, device=device)
             self.decode_bias = bias.masked_fill_(~mask, float("-inf"))[:, None, None, :]
-            # In steady state the decode tokens are the batch's first rows, in slot order from slot 0:
-            # attention then reads and writes them in place, without gathering and scattering rows.
-            n_decode = len(decode)
-            self.decode_in_place = self.slot_range == n_decode and slots == list(range(n_decode)) \
-                and offsets[: n_decode] == list(range(n_decode))
+            # In steady state the decode tokens are the batch's first segments (so rows 0..n-1), in slots
+            # 0..n-1: attention then reads and writes them in place, without gathering and scattering.
+            first_n = list(range(len(decode)))
+            self.decode_in_place = decode == first_n and slots == first_n
             cache.ensure_initialized(self.slot_range, self.decode_len)
             for i in decode:
                 cache.lengths[segments[i].slot] = segments[i].start_pos + 1
@@ -202,10 +201,7 @@ def decode_attention(
 def batched_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: BatchPlan, layer: int) -> torch.Tensor:
     """Attention output [N, n_heads, head_dim] for rotated q [N, H, D], k and v [N, KV, D]; writes k, v."""
     cache = plan.cache
-    if plan.decode and plan.decode_in_place and not plan.prefill:
-        out = None  # the decode attention's output is the whole output
-    else:
-        out = torch.empty_like(q)
+    out = torch.empty_like(q)
     if plan.decode:
         rows, slots, n_decode = plan.decode_rows, plan.decode_slots, len(plan.decode)
         head_dim = k.shape[-1]
@@ -216,8 +212,8 @@ def batched_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: B
         values = cache.kv[layer, 1, : plan.slot_range, :, : plan.decode_len]
         if plan.decode_in_place:
             attended = decode_attention(q[:n_decode], keys, values, plan.decode_bias)
-            if out is None:
-                return attended
+            if not plan.prefill:
+                return attended  # the decode tokens are the whole batch
             out[:n_decode] = attended
         else:
             queries = q.new_zeros(plan.slot_range, q.shape[1], q.shape[2])
