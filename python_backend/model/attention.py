@@ -7,6 +7,7 @@ from torch import nn
 
 from .batch import BatchPlan, batched_attention
 from .cache import KVCache
+from .cpu_kernels import CpuKernels
 from .packing import PackedWeight, linear
 from .rope import apply_rotary
 
@@ -66,10 +67,13 @@ class Attention(nn.Module):
     def _out(self, attended: torch.Tensor) -> torch.Tensor:
         return linear(attended, self.wo.weight, self.packed.get("wo"))
 
+    def _fused_weight_current(self) -> bool:
+        # The fused weight serves only while wq still points into it (not after a reload or a move).
+        return self.wqkv is not None and self.wqkv.data_ptr() == self.wq.weight.data_ptr()
+
     def _qkv(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
         n_tokens = x.shape[0]
-        # The fused weight serves only while wq still points into it (not after a reload or a move).
-        if self.wqkv is not None and self.wqkv.data_ptr() == self.wq.weight.data_ptr():
+        if self._fused_weight_current():
             qkv = linear(x, self.wqkv, self.packed.get("wqkv")).view(n_tokens, -1, self.head_dim)
             # q and k rotate together: one set of elementwise ops for both.
             qk = apply_rotary(qkv[:, : self.n_heads + self.n_kv_heads], cos, sin)
@@ -81,10 +85,17 @@ class Attention(nn.Module):
         return apply_rotary(q, cos, sin), apply_rotary(k, cos, sin), v
 
     def forward_batch(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, plan: BatchPlan,
-                      layer: int) -> torch.Tensor:
+                      layer: int, kernels: CpuKernels | None = None) -> torch.Tensor:
         """``x`` [N, dim]: the step's tokens of every sequence in ``plan``, flattened."""
-        out = batched_attention(*self._qkv(x, cos, sin), plan, layer)
-        return self._out(out.reshape(x.shape[0], self.n_heads * self.head_dim))
+        n_tokens = x.shape[0]
+        if kernels is not None and self._fused_weight_current():
+            qkv = linear(x, self.wqkv, self.packed.get("wqkv"))
+            kernels.rotary_(qkv, self.n_heads + self.n_kv_heads, self.head_dim, cos, sin)
+            q, k, v = qkv.view(n_tokens, -1, self.head_dim).split([self.n_heads, self.n_kv_heads, self.n_kv_heads], 1)
+            out = batched_attention(q, k, v, plan, layer, (kernels, qkv))
+        else:
+            out = batched_attention(*self._qkv(x, cos, sin), plan, layer)
+        return self._out(out.reshape(n_tokens, self.n_heads * self.head_dim))
 
     def forward(
         self,

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 import torch
 
 from .args import ModelArgs
+from .cpu_kernels import CpuKernels
 
 
 class SlotKVCache:
@@ -125,6 +126,7 @@ class BatchPlan:
             query_pos = torch.tensor([segments[i].start_pos for i in decode], device=device)
             self.decode_rows = torch.tensor([offsets[i] for i in decode], device=device)
             self.decode_slots = torch.tensor(slots, device=device)
+            self.decode_query_pos = query_pos
             write_index = query_pos % capacity
             self.slot_range = max(slots) + 1
             self.decode_len = min(capacity, int(query_pos.max()) + 1)
@@ -198,11 +200,20 @@ def decode_attention(
     return torch.matmul(probs, values).view(n_slots, n_heads, head_dim)
 
 
-def batched_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: BatchPlan, layer: int) -> torch.Tensor:
-    """Attention output [N, n_heads, head_dim] for rotated q [N, H, D], k and v [N, KV, D]; writes k, v."""
+def batched_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: BatchPlan, layer: int,
+                      fused: tuple[CpuKernels, torch.Tensor] | None = None) -> torch.Tensor:
+    """Attention output [N, n_heads, head_dim] for rotated q [N, H, D], k and v [N, KV, D]; writes k, v.
+
+    ``fused``: the CPU kernels and the [N, (H + 2 KV) * D] rows q, k and v are views of; the decode
+    tokens then go through the kernels' decode attention."""
     cache = plan.cache
-    out = torch.empty_like(q)
-    if plan.decode:
+    out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+    if plan.decode and fused is not None:
+        kernels, qkv = fused
+        kernels.decode_attention(qkv, q.shape[1], k.shape[1], q.shape[2], plan.decode_rows, cache.kv[layer, 0],
+                                 cache.kv[layer, 1], cache.positions, plan.decode_slots, plan.decode_query_pos,
+                                 cache.window, out)
+    elif plan.decode:
         rows, slots, n_decode = plan.decode_rows, plan.decode_slots, len(plan.decode)
         head_dim = k.shape[-1]
         for kind, new in ((0, k), (1, v)):

@@ -8,7 +8,9 @@ from torch import nn
 from .args import ModelArgs
 from .attention import Attention, attention_mask, key_start
 from .batch import BatchPlan, Segment, SlotKVCache
+from . import cpu_kernels
 from .cache import KVCache
+from .cpu_kernels import CpuKernels
 from .moe import MoeLayer
 from .packing import PackedWeight, linear, packing_available
 from .rope import rope_cos_sin
@@ -53,10 +55,14 @@ class FeedForward(nn.Module):
             self.packed["w13"] = PackedWeight(self.w13)
         self.packed["w2"] = PackedWeight(self.w2.weight)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, kernels: CpuKernels | None = None) -> torch.Tensor:
         if self.w13 is not None and self.w13.data_ptr() == self.w1.weight.data_ptr():
-            gate, up = linear(x, self.w13, self.packed.get("w13")).chunk(2, dim=-1)
-            hidden = F.silu(gate) * up
+            gate_up = linear(x, self.w13, self.packed.get("w13"))
+            if kernels is not None:
+                hidden = kernels.silu_mul(gate_up)
+            else:
+                gate, up = gate_up.chunk(2, dim=-1)
+                hidden = F.silu(gate) * up
         else:
             hidden = F.silu(self.w1(x)) * self.w3(x)
         return linear(hidden, self.w2.weight, self.packed.get("w2"))
@@ -97,6 +103,19 @@ class TransformerBlock(nn.Module):
         h = x + self.attention.forward_batch(self.attention_norm(x), cos, sin, plan, layer)
         return h + self.feed_forward(self.ffn_norm(h))
 
+    def forward_batch_fused(self, h: torch.Tensor, normed: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                            plan: BatchPlan, layer: int, next_norm: RMSNorm, kernels: CpuKernels) -> torch.Tensor:
+        """forward_batch with the CPU kernels: ``normed`` is attention_norm(h) and ``h`` the residual
+        stream, updated in place. Returns ``next_norm(h)`` (the next layer's attention_norm, or the final
+        norm): each residual add is fused with the norm that follows it."""
+        attended = self.attention.forward_batch(normed, cos, sin, plan, layer, kernels)
+        normed = kernels.add_rms_norm(h, attended, self.ffn_norm.weight, self.ffn_norm.eps)
+        if isinstance(self.feed_forward, FeedForward):
+            out = self.feed_forward(normed, kernels)
+        else:
+            out = self.feed_forward(normed)
+        return kernels.add_rms_norm(h, out, next_norm.weight, next_norm.eps)
+
 
 class Transformer(nn.Module):
     def __init__(self, args: ModelArgs):
@@ -108,6 +127,7 @@ class Transformer(nn.Module):
         # With tied embeddings the loader points output.weight at tok_embeddings.weight.
         self.output = nn.Linear(args.dim, args.vocab_size, bias=False)
         self.packed_output: PackedWeight | None = None
+        self.cpu_kernels: CpuKernels | None = None  # see use_cpu_kernels()
 
     @property
     def dtype(self) -> torch.dtype:
@@ -142,6 +162,13 @@ class Transformer(nn.Module):
             raise ValueError(f"segments cover {plan.n_tokens} tokens, got {tokens.shape[0]}")
         h = self.tok_embeddings(tokens)
         cos, sin = rope_cos_sin(plan.token_positions, self.args.head_dim, self.args.rope_theta, h.dtype)
+        if self.cpu_kernels is not None:
+            kernels, first_norm = self.cpu_kernels, self.layers[0].attention_norm
+            normed = kernels.rms_norm(h, first_norm.weight, first_norm.eps)
+            next_norms = [layer.attention_norm for layer in self.layers[1:]] + [self.norm]
+            for i, (layer, next_norm) in enumerate(zip(self.layers, next_norms)):
+                normed = layer.forward_batch_fused(h, normed, cos, sin, plan, i, next_norm, kernels)
+            return self.logits(normed.index_select(0, plan.last_rows))
         for i, layer in enumerate(self.layers):
             h = layer.forward_batch(h, cos, sin, plan, i)
         return self.logits(self.norm(h.index_select(0, plan.last_rows)))
@@ -165,6 +192,15 @@ class Transformer(nn.Module):
                 layer.feed_forward.pack()
         self.packed_output = PackedWeight(self.output.weight)
         return True
+
+    def use_cpu_kernels(self) -> bool:
+        """forward_batch through the fused CPU kernels (cpu_kernels.py) from now on: bfloat16 models
+        on CPU with fused q/k/v weights, where the kernels compile. False (nothing changed) elsewhere."""
+        fused = all(layer.attention.wqkv is not None for layer in self.layers)
+        if self.dtype != torch.bfloat16 or self.device.type != "cpu" or not fused:
+            return False
+        self.cpu_kernels = cpu_kernels.load()
+        return self.cpu_kernels is not None
 
     def logits(self, h: torch.Tensor) -> torch.Tensor:
         """Float32 logits of the normed hidden states ``h`` [M, dim].

@@ -130,4 +130,5 @@ def load_model(
         model.output.weight = model.tok_embeddings.weight
     model.fuse_projections()
     model.pack_weights()
+    model.use_cpu_kernels()
     return model.eval().requires_grad_(False)

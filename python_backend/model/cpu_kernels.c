@@ -1,0 +1,276 @@
+/* Fused bfloat16 CPU kernels for the batched decode step (see cpu_kernels.py).
+ *
+ * A decode step of a small model on a few cores is dominated by the number of operations, not
+ * their size: each torch op costs microseconds of dispatch for a few thousand elements. These
+ * kernels do in one call what takes the eager model 5-15 ops (RMSNorm, residual add + RMSNorm,
+ * rotary, SwiGLU, and the decode tokens' cache write + attention). Elementwise results are
+ * rounded to bfloat16 exactly where the torch ops round them, so they match the eager path up to
+ * the order of float32 sums; attention keeps its scores and probabilities in float32, as the
+ * flash kernels do. Work is split over OpenMP threads (decode attention by token and KV head, the
+ * row-wise kernels by rows): built with -fopenmp, the library uses the OpenMP runtime torch already
+ * loaded, and so torch's waiting workers. Plain C that compilers vectorise, plus AVX512-BF16 dot
+ * products where the CPU has them.
+ */
+#include <math.h>
+#include <stdint.h>
+#include <string.h>
+#ifdef _OPENMP
+#include <omp.h>
+#endif
+
+typedef uint16_t bf16;
+
+static inline float to_f32(bf16 h) {
+    uint32_t u = (uint32_t)h << 16;
+    float f;
+    memcpy(&f, &u, sizeof f);
+    return f;
+}
+
+/* Round to nearest even, as c10::BFloat16 does (NaN -> canonical quiet NaN). */
+static inline bf16 to_bf16(float f) {
+    uint32_t u;
+    memcpy(&u, &f, sizeof u);
+    if ((u & 0x7fffffffu) > 0x7f800000u) return 0x7fc0;
+    return (bf16)((u + 0x7fffu + ((u >> 16) & 1u)) >> 16);
+}
+
+static inline float round_bf16(float f) { return to_f32(to_bf16(f)); }
+
+/* exp in float32 to ~1 ulp without branches, so loops over it vectorise (libm's expf does not). */
+static inline float fast_exp(float x) {
+    x = x < -87.33f ? -87.33f : (x > 88.72f ? 88.72f : x);
+    float n = nearbyintf(x * 1.44269504088896341f);
+    float r = x - n * 0.693145751953125f - n * 1.428606765330187045e-06f;
+    float p = 1.9875691500e-4f;
+    p = p * r + 1.3981999507e-3f;
+    p = p * r + 8.3334519073e-3f;
+    p = p * r + 4.1665795894e-2f;
+    p = p * r + 1.6666665459e-1f;
+    p = p * r + 5.0000001201e-1f;
+    p = p * r * r + r + 1.0f;
+    int32_t bits = ((int32_t)n + 127) << 23;
+    float scale;
+    memcpy(&scale, &bits, sizeof scale);
+    return n < -126.0f ? p * scale * 0.0f : p * scale;  /* below the normal range: 0 */
+}
+
+enum { LANES = 16 };
+
+/* Sums in LANES partial sums, so they vectorise without reassociation flags. */
+static inline float dot(const float *a, const bf16 *b, int64_t n) {
+    float partial[LANES] = {0};
+    int64_t d = 0;
+    for (; d + LANES <= n; d += LANES)
+        for (int j = 0; j < LANES; j++) partial[j] += a[d + j] * to_f32(b[d + j]);
+    float total = 0.0f;
+    for (; d < n; d++) total += a[d] * to_f32(b[d]);
+    for (int j = 0; j < LANES; j++) total += partial[j];
+    return total;
+}
+
+static float sum_of_squares(const bf16 *x, int64_t dim) {
+    float partial[LANES] = {0};
+    int64_t d = 0;
+    for (; d + LANES <= dim; d += LANES)
+        for (int j = 0; j < LANES; j++) {
+            float v = to_f32(x[d + j]);
+            partial[j] += v * v;
+        }
+    float total = 0.0f;
+    for (; d < dim; d++) total += to_f32(x[d]) * to_f32(x[d]);
+    for (int j = 0; j < LANES; j++) total += partial[j];
+    return total;
+}
+
+/* out = weight * bf16(x * rsqrt(mean(x^2) + eps)), per row (HF's order). */
+static void rms_norm_row(const bf16 *x, const bf16 *weight, bf16 *out, int64_t dim, float eps) {
+    float inv = 1.0f / sqrtf(sum_of_squares(x, dim) / (float)dim + eps);
+    for (int64_t d = 0; d < dim; d++)
+        out[d] = to_bf16(to_f32(weight[d]) * round_bf16(to_f32(x[d]) * inv));
+}
+
+void pf_rms_norm(const bf16 *x, int64_t x_stride, const bf16 *weight, bf16 *out, int64_t rows, int64_t dim,
+                 float eps) {
+    for (int64_t r = 0; r < rows; r++) rms_norm_row(x + r * x_stride, weight, out + r * dim, dim, eps);
+}
+
+/* Rows below which a kernel stays on the calling thread: waking a team costs more than it saves. */
+#define PARALLEL_ROWS 4
+
+/* hidden += delta (rounded to bf16, as the residual add), then out = rms_norm(hidden). */
+void pf_add_rms_norm(bf16 *hidden, const bf16 *delta, const bf16 *weight, bf16 *out, int64_t rows, int64_t dim,
+                     float eps, int64_t n_threads) {
+#pragma omp parallel for num_threads(n_threads) if (rows >= PARALLEL_ROWS)
+    for (int64_t r = 0; r < rows; r++) {
+        bf16 *h = hidden + r * dim;
+        const bf16 *e = delta + r * dim;
+        for (int64_t d = 0; d < dim; d++) h[d] = to_bf16(to_f32(h[d]) + to_f32(e[d]));
+        rms_norm_row(h, weight, out + r * dim, dim, eps);
+    }
+}
+
+/* Rotate-half rotary embedding in place on the first `heads` heads of each row:
+ * x * cos + cat(-x2, x1) * sin, each product and the sum rounded to bf16 as the eager ops do. */
+void pf_rotary(bf16 *x, int64_t row_stride, int64_t rows, int64_t heads, int64_t head_dim, const bf16 *cos,
+               const bf16 *sin) {
+    int64_t half = head_dim / 2;
+    for (int64_t r = 0; r < rows; r++) {
+        const bf16 *c = cos + r * head_dim, *s = sin + r * head_dim;
+        for (int64_t h = 0; h < heads; h++) {
+            bf16 *v = x + r * row_stride + h * head_dim;
+            for (int64_t i = 0; i < half; i++) {
+                float x1 = to_f32(v[i]), x2 = to_f32(v[i + half]);
+                float lo = round_bf16(x1 * to_f32(c[i])) + round_bf16(-x2 * to_f32(s[i]));
+                float hi = round_bf16(x2 * to_f32(c[i + half])) + round_bf16(x1 * to_f32(s[i + half]));
+                v[i] = to_bf16(lo);
+                v[i + half] = to_bf16(hi);
+            }
+        }
+    }
+}
+
+/* out = bf16(silu(gate)) * up for gate_up rows [gate | up] of width 2 * hidden. */
+void pf_silu_mul(const bf16 *gate_up, bf16 *out, int64_t rows, int64_t hidden, int64_t n_threads) {
+#pragma omp parallel for num_threads(n_threads) if (rows >= PARALLEL_ROWS)
+    for (int64_t r = 0; r < rows; r++) {
+        const bf16 *g = gate_up + r * 2 * hidden, *u = g + hidden;
+        bf16 *o = out + r * hidden;
+        for (int64_t d = 0; d < hidden; d++) {
+            float x = to_f32(g[d]);
+            o[d] = to_bf16(round_bf16(x / (1.0f + fast_exp(-x))) * to_f32(u[d]));
+        }
+    }
+}
+
+/* Softmax over scores[0, n) in place; returns 1 / their sum (0 when there are none). */
+static float softmax_in_place(float *scores, int64_t n) {
+    float max_score = -INFINITY;
+    for (int64_t i = 0; i < n; i++) max_score = scores[i] > max_score ? scores[i] : max_score;
+    for (int64_t i = 0; i < n; i++) scores[i] = fast_exp(scores[i] - max_score);
+    float total = 0.0f;
+    for (int64_t i = 0; i < n; i++) total += scores[i];
+    return n ? 1.0f / total : 0.0f;
+}
+
+#if defined(__AVX512F__) && defined(__AVX512BF16__)
+#include <immintrin.h>
+#define MAX_CHUNKS 8 /* head_dim up to 256, in chunks of 32 */
+
+/* One KV head's group of query heads (queries and out: `group` heads of head_dim, consecutive) over
+ * the visible keys: dot products with VDPBF16PS (exact bf16 products, float32 sums), each key row
+ * loaded once for the whole group. */
+static void attend_group(const bf16 *queries, int64_t group, const bf16 *keys, const bf16 *values,
+                         const int32_t *visible, int64_t n_visible, int64_t head_dim, float scale, float *scores,
+                         int64_t capacity, bf16 *out) {
+    int64_t chunks = head_dim / 32;
+    for (int64_t i = 0; i < n_visible; i++) {
+        const bf16 *key = keys + (int64_t)visible[i] * head_dim;
+        __m512bh k[MAX_CHUNKS];
+        for (int64_t c = 0; c < chunks; c++) k[c] = (__m512bh)_mm512_loadu_si512(key + 32 * c);
+        for (int64_t g = 0; g < group; g++) {
+            const bf16 *query = queries + g * head_dim;
+            __m512 acc = _mm512_setzero_ps();
+            for (int64_t c = 0; c < chunks; c++)
+                acc = _mm512_dpbf16_ps(acc, (__m512bh)_mm512_loadu_si512(query + 32 * c), k[c]);
+            scores[g * capacity + i] = _mm512_reduce_add_ps(acc) * scale;
+        }
+    }
+    float inv_total[group];
+    for (int64_t g = 0; g < group; g++) inv_total[g] = softmax_in_place(scores + g * capacity, n_visible);
+    int64_t lanes = head_dim / 16;
+    __m512 acc[group * lanes];
+    for (int64_t j = 0; j < group * lanes; j++) acc[j] = _mm512_setzero_ps();
+    for (int64_t i = 0; i < n_visible; i++) {
+        const bf16 *value = values + (int64_t)visible[i] * head_dim;
+        for (int64_t c = 0; c < lanes; c++) {
+            __m256i raw = _mm256_loadu_si256((const __m256i *)(value + 16 * c));
+            __m512 v = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(raw), 16));
+            for (int64_t g = 0; g < group; g++)
+                acc[g * lanes + c] = _mm512_fmadd_ps(_mm512_set1_ps(scores[g * capacity + i]), v, acc[g * lanes + c]);
+        }
+    }
+    for (int64_t g = 0; g < group; g++) {
+        float row[head_dim];
+        for (int64_t c = 0; c < lanes; c++)
+            _mm512_storeu_ps(row + 16 * c, _mm512_mul_ps(acc[g * lanes + c], _mm512_set1_ps(inv_total[g])));
+        for (int64_t d = 0; d < head_dim; d++) out[g * head_dim + d] = to_bf16(row[d]);
+    }
+}
+#define FAST_HEAD_DIM(d) ((d) % 32 == 0 && (d) <= 32 * MAX_CHUNKS)
+#else
+#define FAST_HEAD_DIM(d) 0
+static void attend_group(const bf16 *queries, int64_t group, const bf16 *keys, const bf16 *values,
+                         const int32_t *visible, int64_t n_visible, int64_t head_dim, float scale, float *scores,
+                         int64_t capacity, bf16 *out) {
+    (void)queries, (void)group, (void)keys, (void)values, (void)visible, (void)n_visible, (void)head_dim;
+    (void)scale, (void)scores, (void)capacity, (void)out;
+}
+#endif
+
+/* The same in portable C, one query head at a time. */
+static void attend_group_portable(const bf16 *queries, int64_t group, const bf16 *keys, const bf16 *values,
+                                  const int32_t *visible, int64_t n_visible, int64_t head_dim, float scale,
+                                  float *scores, bf16 *out) {
+    float qf[head_dim], acc[head_dim];
+    for (int64_t g = 0; g < group; g++) {
+        for (int64_t d = 0; d < head_dim; d++) qf[d] = to_f32(queries[g * head_dim + d]);
+        for (int64_t i = 0; i < n_visible; i++)
+            scores[i] = dot(qf, keys + (int64_t)visible[i] * head_dim, head_dim) * scale;
+        float inv_total = softmax_in_place(scores, n_visible);
+        for (int64_t d = 0; d < head_dim; d++) acc[d] = 0.0f;
+        for (int64_t i = 0; i < n_visible; i++) {
+            const bf16 *value = values + (int64_t)visible[i] * head_dim;
+            for (int64_t d = 0; d < head_dim; d++) acc[d] += scores[i] * to_f32(value[d]);
+        }
+        for (int64_t d = 0; d < head_dim; d++) out[g * head_dim + d] = to_bf16(acc[d] * inv_total);
+    }
+}
+
+/* The decode tokens of a step. Token t sits in row rows[t] of qkv (row_stride apart; its query heads at
+ * the row's start, its new key and value heads at k_new / v_new + row offset). Its key and value go to its
+ * slot's cache entry query_pos % capacity, then it attends over the slot's visible entries; the output
+ * goes to the same row of out [rows, n_heads * head_dim]. Caches are one layer's
+ * [n_slots, n_kv_heads, capacity, head_dim]; positions [n_slots, capacity] holds each entry's absolute
+ * position (-1 empty), already updated for this step. An entry is visible when 0 <= position <= query
+ * position and, with a window, position > query position - window; entries not visible are never read.
+ * The work runs on n_threads threads; scratch holds n_threads * (n_heads / n_kv_heads + 1) * capacity
+ * floats. */
+void pf_decode_attention(const bf16 *qkv, int64_t row_stride, const bf16 *k_new, const bf16 *v_new,
+                         const int64_t *rows, bf16 *k_cache, bf16 *v_cache, const int64_t *positions,
+                         const int64_t *slots, const int64_t *query_pos, int64_t n_tokens, int64_t n_heads,
+                         int64_t n_kv_heads, int64_t head_dim, int64_t capacity, int64_t window, float scale,
+                         bf16 *out, int64_t n_threads, float *scratch) {
+    int64_t group = n_heads / n_kv_heads;
+    /* Interleaved, so that long and short sequences spread over the threads. */
+#pragma omp parallel for num_threads(n_threads) schedule(static, 1)
+    for (int64_t item = 0; item < n_tokens * n_kv_heads; item++) {
+#ifdef _OPENMP
+        int64_t thread = omp_get_thread_num();
+#else
+        int64_t thread = 0;
+#endif
+        float *scores = scratch + thread * (group + 1) * capacity;
+        int32_t *visible = (int32_t *)(scores + group * capacity);
+        int64_t t = item / n_kv_heads, kv = item % n_kv_heads;
+        int64_t slot = slots[t], pos = query_pos[t], entry = pos % capacity, row = rows[t];
+        const int64_t *slot_pos = positions + slot * capacity;
+        int64_t n_visible = 0;
+        /* Until a slot's buffer wraps, entry l holds position l: later entries are empty. */
+        int64_t entries = pos + 1 < capacity ? pos + 1 : capacity;
+        for (int64_t l = 0; l < entries; l++) {
+            int64_t p = slot_pos[l];
+            if (p >= 0 && p <= pos && (window <= 0 || p > pos - window)) visible[n_visible++] = (int32_t)l;
+        }
+        bf16 *keys = k_cache + (slot * n_kv_heads + kv) * capacity * head_dim;
+        bf16 *values = v_cache + (slot * n_kv_heads + kv) * capacity * head_dim;
+        memcpy(keys + entry * head_dim, k_new + row * row_stride + kv * head_dim, head_dim * sizeof(bf16));
+        memcpy(values + entry * head_dim, v_new + row * row_stride + kv * head_dim, head_dim * sizeof(bf16));
+        const bf16 *queries = qkv + row * row_stride + kv * group * head_dim;
+        bf16 *o = out + row * n_heads * head_dim + kv * group * head_dim;
+        if (FAST_HEAD_DIM(head_dim))
+            attend_group(queries, group, keys, values, visible, n_visible, head_dim, scale, scores, capacity, o);
+        else
+            attend_group_portable(queries, group, keys, values, visible, n_visible, head_dim, scale, scores, o);
+    }
+}

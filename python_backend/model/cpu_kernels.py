@@ -1,0 +1,127 @@
+"""Fused bfloat16 CPU kernels for the batched decode step (cpu_kernels.c), loaded through ctypes.
+
+The C source is compiled once per machine with the system C compiler (``cc``, for this CPU) into
+plateforme's cache and loaded from there afterwards. Without a compiler, or with
+PLATEFORME_CPU_KERNELS=0, :func:`load` returns None and the model runs its torch ops.
+"""
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import logging
+import os
+import shutil
+import subprocess
+import tempfile
+from functools import lru_cache
+from pathlib import Path
+
+import torch
+
+from plateforme.paths import home
+
+log = logging.getLogger(__name__)
+
+SOURCE = Path(__file__).with_name("cpu_kernels.c")
+# -fno-math-errno lets sqrtf inline; nothing here needs fast-math (NaN and -inf must survive).
+FLAGS = ["-O3", "-march=native", "-fno-math-errno", "-fopenmp", "-fPIC", "-shared"]
+
+_i64, _f32, _ptr = ctypes.c_int64, ctypes.c_float, ctypes.c_void_p
+_SIGNATURES = {
+    "pf_rms_norm": [_ptr, _i64, _ptr, _ptr, _i64, _i64, _f32],
+    "pf_add_rms_norm": [_ptr, _ptr, _ptr, _ptr, _i64, _i64, _f32, _i64],
+    "pf_rotary": [_ptr, _i64, _i64, _i64, _i64, _ptr, _ptr],
+    "pf_silu_mul": [_ptr, _ptr, _i64, _i64, _i64],
+    "pf_decode_attention": [_ptr, _i64, _ptr, _ptr, *[_ptr] * 6, *[_i64] * 6, _f32, _ptr, _i64, _ptr],
+}
+
+
+def _machine_key() -> str:
+    """What the compiled library depends on: the source, the flags, the compiler and this CPU."""
+    digest = hashlib.sha256(SOURCE.read_bytes())
+    digest.update(" ".join(FLAGS).encode())
+    digest.update(subprocess.run(["cc", "--version"], capture_output=True, check=True).stdout)
+    cpuinfo = Path("/proc/cpuinfo")
+    if cpuinfo.exists():
+        flags = next((line for line in cpuinfo.read_text().splitlines() if line.startswith("flags")), "")
+        digest.update(flags.encode())
+    return digest.hexdigest()[:16]
+
+
+def _compile() -> Path:
+    target = home() / "cpu_kernels" / f"cpu_kernels-{_machine_key()}.so"
+    if target.exists():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    # Built beside the target and renamed into place: concurrent loaders never see half a library.
+    with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
+        built = Path(tmp) / target.name
+        result = subprocess.run(["cc", *FLAGS, "-o", str(built), str(SOURCE), "-lm"], capture_output=True, text=True)
+        if result.returncode != 0:
+            raise RuntimeError(f"cc failed on {SOURCE.name}: {result.stderr.strip()[:2000]}")
+        os.replace(built, target)
+    return target
+
+
+class CpuKernels:
+    """The library's functions on torch tensors (bfloat16, contiguous rows, CPU)."""
+
+    def __init__(self, library: ctypes.CDLL):
+        for name, argtypes in _SIGNATURES.items():
+            function = getattr(library, name)
+            function.argtypes, function.restype = argtypes, None
+        self._lib = library
+
+    def rms_norm(self, x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+        out = torch.empty_like(x)
+        self._lib.pf_rms_norm(x.data_ptr(), x.stride(0), weight.data_ptr(), out.data_ptr(), x.shape[0], x.shape[1], eps)
+        return out
+
+    def add_rms_norm(self, hidden: torch.Tensor, delta: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+        """``hidden += delta`` in place; returns the RMS-normed result."""
+        out = torch.empty_like(hidden)
+        self._lib.pf_add_rms_norm(hidden.data_ptr(), delta.data_ptr(), weight.data_ptr(), out.data_ptr(),
+                                  hidden.shape[0], hidden.shape[1], eps, torch.get_num_threads())
+        return out
+
+    def rotary_(self, rows: torch.Tensor, heads: int, head_dim: int, cos: torch.Tensor, sin: torch.Tensor) -> None:
+        """Rotates the first ``heads`` heads of each row of ``rows`` [N, width] in place."""
+        self._lib.pf_rotary(rows.data_ptr(), rows.stride(0), rows.shape[0], heads, head_dim, cos.data_ptr(),
+                            sin.data_ptr())
+
+    def silu_mul(self, gate_up: torch.Tensor) -> torch.Tensor:
+        rows, width = gate_up.shape
+        out = gate_up.new_empty(rows, width // 2)
+        self._lib.pf_silu_mul(gate_up.data_ptr(), out.data_ptr(), rows, width // 2, torch.get_num_threads())
+        return out
+
+    def decode_attention(self, qkv: torch.Tensor, n_heads: int, n_kv_heads: int, head_dim: int, rows: torch.Tensor,
+                         keys: torch.Tensor, values: torch.Tensor, positions: torch.Tensor, slots: torch.Tensor,
+                         query_pos: torch.Tensor, window: int | None, out: torch.Tensor) -> None:
+        """Writes the decode tokens' keys and values (rows ``rows`` of ``qkv`` [N, (H + 2 KV) * D]) to one
+        layer's ``keys``/``values`` [n_slots, KV, capacity, D] and their attention output to ``out`` [N, H * D]."""
+        capacity, threads = keys.shape[2], torch.get_num_threads()
+        scratch = torch.empty(threads * (n_heads // n_kv_heads + 1) * capacity, dtype=torch.float32)
+        base, row_bytes = qkv.data_ptr(), qkv.element_size()
+        k_new = base + n_heads * head_dim * row_bytes
+        v_new = k_new + n_kv_heads * head_dim * row_bytes
+        self._lib.pf_decode_attention(
+            base, qkv.stride(0), k_new, v_new, rows.data_ptr(), keys.data_ptr(), values.data_ptr(),
+            positions.data_ptr(), slots.data_ptr(), query_pos.data_ptr(), rows.shape[0], n_heads, n_kv_heads,
+            head_dim, capacity, window or 0, head_dim**-0.5, out.data_ptr(), threads, scratch.data_ptr(),
+        )
+
+
+@lru_cache(maxsize=1)
+def load() -> CpuKernels | None:
+    """The kernels, compiled on first use; None where they cannot be (reason logged)."""
+    if os.environ.get("PLATEFORME_CPU_KERNELS", "1") == "0":
+        return None
+    if shutil.which("cc") is None:
+        log.info("no C compiler (cc): the model runs its torch ops")
+        return None
+    try:
+        return CpuKernels(ctypes.CDLL(str(_compile())))
+    except (OSError, RuntimeError, subprocess.SubprocessError) as exc:
+        log.warning("CPU kernels unavailable, the model runs its torch ops: %s", exc)
+        return None

@@ -1,0 +1,138 @@
+"""The fused bfloat16 CPU kernels against the torch ops they replace, alone and inside the model."""
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from plateforme.python_backend.model import Segment, cpu_kernels, load_model
+from plateforme.python_backend.model.batch import decode_attention
+from plateforme.python_backend.model.rope import apply_rotary, rope_cos_sin
+from plateforme.python_backend.model.transformer import RMSNorm
+
+BF16 = torch.bfloat16
+
+
+@pytest.fixture(scope="module")
+def kernels():
+    loaded = cpu_kernels.load()
+    if loaded is None:
+        pytest.skip("the CPU kernels did not compile here (no C compiler)")
+    return loaded
+
+
+def randn(*shape, seed=0, scale=1.0):
+    return (torch.randn(*shape, generator=torch.Generator().manual_seed(seed)) * scale).to(BF16)
+
+
+def assert_within_one_bf16_step(actual, expected):
+    """Equal, or one bf16 rounding step apart where float32 sums ran in another order."""
+    step = expected.float().abs().clamp(min=1e-30) * 2**-7
+    assert ((actual.float() - expected.float()).abs() <= step).all()
+    assert (actual == expected).float().mean() > 0.98
+
+
+def test_rms_norm_and_fused_residual_add_match_the_torch_ops(kernels):
+    norm = RMSNorm(576, 1e-5).to(BF16)
+    norm.weight.data = randn(576, seed=1, scale=0.2) + 1
+    x, delta = randn(16, 576, seed=2, scale=3.0), randn(16, 576, seed=3)
+    with torch.inference_mode():
+        assert_within_one_bf16_step(kernels.rms_norm(x, norm.weight, norm.eps), norm(x))
+        hidden = x.clone()
+        normed = kernels.add_rms_norm(hidden, delta, norm.weight, norm.eps)
+        assert torch.equal(hidden, x + delta)  # one bf16 add: exact
+        assert_within_one_bf16_step(normed, norm(x + delta))
+
+
+def test_rotary_in_place_equals_apply_rotary_bit_for_bit(kernels):
+    n_tokens, heads, kv_heads, head_dim = 7, 9, 3, 64
+    qkv = randn(n_tokens, (heads + 2 * kv_heads) * head_dim, seed=4)
+    cos, sin = rope_cos_sin(torch.arange(100, 100 + n_tokens), head_dim, 10000.0, BF16)
+    expected = apply_rotary(qkv.view(n_tokens, -1, head_dim)[:, : heads + kv_heads], cos, sin)
+    rotated = qkv.clone()
+    kernels.rotary_(rotated, heads + kv_heads, head_dim, cos, sin)
+    rotated = rotated.view(n_tokens, -1, head_dim)
+    assert torch.equal(rotated[:, : heads + kv_heads], expected)
+    assert torch.equal(rotated[:, heads + kv_heads :], qkv.view(n_tokens, -1, head_dim)[:, heads + kv_heads :])
+
+
+def test_silu_mul_matches_silu_times_up(kernels):
+    gate_up = randn(16, 2 * 1536, seed=5, scale=4.0)
+    gate, up = gate_up.chunk(2, dim=-1)
+    assert_within_one_bf16_step(kernels.silu_mul(gate_up), F.silu(gate) * up)
+
+
+@pytest.mark.parametrize("head_dim", [16, 64, 128])  # 16: the portable path; 64, 128: AVX512-BF16 where present
+@pytest.mark.parametrize("window", [None, 5])
+def test_decode_attention_writes_the_cache_and_matches_the_reference(kernels, head_dim, window):
+    n_slots, heads, kv_heads, capacity = 4, 6, 2, 32
+    lengths = [9, 1, 20, 32]  # positions already cached per slot; the last slot's rolling buffer is full
+    cache = torch.full((2, n_slots, kv_heads, capacity, head_dim), float("nan"), dtype=BF16)
+    positions = torch.full((n_slots, capacity), -1, dtype=torch.long)
+    for slot, length in enumerate(lengths):
+        kept = torch.arange(max(0, length - capacity), length)
+        cache[:, slot, :, kept % capacity] = randn(2, kv_heads, len(kept), head_dim, seed=10 + slot)
+        positions[slot, kept % capacity] = kept
+    # Decode tokens of slots 2, 0 and 3 (slot 1 idle), in rows 1, 2 and 4 of a 5-row batch.
+    rows, slots = torch.tensor([1, 2, 4]), torch.tensor([2, 0, 3])
+    query_pos = torch.tensor([lengths[2], lengths[0], lengths[3]])
+    positions[slots, query_pos % capacity] = query_pos
+    qkv = randn(5, (heads + 2 * kv_heads) * head_dim, seed=6)
+    out = torch.zeros(5, heads, head_dim, dtype=BF16)
+    keys, values = cache[0].clone(), cache[1].clone()
+    kernels.decode_attention(qkv, heads, kv_heads, head_dim, rows, keys, values, positions, slots, query_pos,
+                             window, out)
+
+    split = qkv.view(5, -1, head_dim).split([heads, kv_heads, kv_heads], 1)
+    for row, slot, pos in zip(rows.tolist(), slots.tolist(), query_pos.tolist()):
+        entry = pos % capacity
+        assert torch.equal(keys[slot, :, entry], split[1][row]) and torch.equal(values[slot, :, entry], split[2][row])
+        seen = (positions[slot] >= 0) & (positions[slot] <= pos)
+        if window:
+            seen &= positions[slot] > pos - window
+        bias = torch.zeros(capacity).masked_fill_(~seen, float("-inf"))
+        expected = decode_attention(split[0][row][None].float(), torch.nan_to_num(keys[slot][None].float()),
+                                    torch.nan_to_num(values[slot][None].float()), bias[None, None, None])
+        torch.testing.assert_close(out[row].float(), expected[0], atol=2e-2, rtol=2e-2)
+    assert not out[[0, 3]].any()  # rows that are not decode tokens are left alone
+    assert not out.isnan().any()  # never-written (NaN) entries were not read
+
+
+# Mixtral over one decode step: on random weights its routers have near-ties (top-2 probabilities
+# 0.1514 / 0.1509 at step 3 here) that any bf16 rounding difference flips, and then the logits part.
+@pytest.mark.parametrize("name, steps", [("tiny_mistral_dir", 40), ("tiny_mixtral_dir", 1)])
+def test_model_with_kernels_follows_the_torch_path(request, kernels, name, steps):
+    """Prefill chunks and decode steps mixed in one batch, through the rolling window: the fused path
+    gives the logits of the torch path, to bf16 precision."""
+    fused = load_model(request.getfixturevalue(name), dtype=BF16)
+    plain = load_model(request.getfixturevalue(name), dtype=BF16)
+    assert fused.cpu_kernels is not None
+    plain.cpu_kernels = None
+    generator = torch.Generator().manual_seed(0)
+    prompts = [torch.randint(3, fused.args.vocab_size, (n,), generator=generator).tolist() for n in (30, 7, 1)]
+    caches = [model.new_slot_cache(4, 256) for model in (fused, plain)]
+    for cache in caches:
+        cache.kv.fill_(float("nan"))  # never-written entries must not leak into attention
+        assert [cache.allocate() for _ in range(4)] == [0, 1, 2, 3]
+
+    def step(tokens, segments):
+        outs = [model.forward_batch(torch.tensor(tokens), segments, cache) for model, cache in zip((fused, plain), caches)]
+        torch.testing.assert_close(outs[0], outs[1], atol=0.05 * outs[1].abs().max().item(), rtol=0)
+        assert not outs[0].isnan().any()
+        return outs[1].argmax(-1).tolist()
+
+    with torch.inference_mode():
+        sequences = [list(p) for p in prompts]  # in slots 0, 1, 2
+        next_tokens = step([t for p in prompts for t in p], [Segment(i, 0, len(p)) for i, p in enumerate(prompts)])
+        for n in range(steps):
+            for sequence, token in zip(sequences, next_tokens):
+                sequence.append(token)
+            segments = [Segment(i, len(s) - 1, 1) for i, s in enumerate(sequences)]
+            tokens = [s[-1] for s in sequences]
+            if n == min(3, steps - 1):  # a new prompt joins the running decodes, in slot 3
+                sequences.append(prompts[0][:12])
+                segments.append(Segment(3, 0, 12))
+                tokens += prompts[0][:12]
+            next_tokens = step(tokens, segments)
+    if steps > 1:
+        assert len(sequences[0]) > 2 * fused.args.sliding_window  # past a rolling window
