@@ -1,9 +1,8 @@
 """Triton engine model running the PyTorch engine, with tensorrtllm_backend's tensor contract.
 
 Decoupled: `execute` only queues requests; one worker thread owns the engine, adds queued
-requests between steps, runs `Engine.step()` and hands each request's responses to a responder
-thread, which sends them. That keeps all engine state on one thread and lets the engine batch
-in-flight requests.
+requests between steps, runs `Engine.step()` and sends each request its responses. That keeps
+all engine state on one thread and lets the engine batch in-flight requests.
 """
 from __future__ import annotations
 
@@ -38,49 +37,6 @@ SCHEDULER_POLICIES = ("guaranteed_no_evict", "max_utilization")
 DISCONNECT_POLL_S = 0.05
 # While the engine is busy, the metrics every step changes are sent at most this often.
 METRICS_INTERVAL_S = 0.1
-# Steps whose responses may wait for the responder thread before the engine waits for it.
-RESPONDER_BACKLOG_STEPS = 4
-
-
-class Responder:
-    """Sends responses from its own thread, in the order they were queued.
-
-    A send is a round trip to the server (about 0.3-0.5 ms on two busy cores, the GIL released
-    while it waits); 16 streams make 16 of them a step. Sent from here, they overlap the engine's
-    next step instead of adding to it. The engine thread queues a step's responses as one batch
-    (``add`` then ``flush``); ``build`` makes each response on this thread.
-    """
-
-    def __init__(self):
-        self._queue: queue.Queue = queue.Queue(maxsize=RESPONDER_BACKLOG_STEPS)
-        self._pending: list = []
-        self._thread = threading.Thread(target=self._run, name="responder", daemon=True)
-        self._thread.start()
-
-    def add(self, sender, build=None, flags: int = 0) -> None:
-        """Queue ``sender.send(build(), flags)`` (no response when ``build`` is None)."""
-        self._pending.append((sender, build, flags))
-
-    def flush(self) -> None:
-        if self._pending:
-            self._queue.put(self._pending)
-            self._pending = []
-
-    def close(self, timeout: float) -> None:
-        self.flush()
-        self._queue.put(None)
-        self._thread.join(timeout=timeout)
-
-    def _run(self) -> None:
-        while (batch := self._queue.get()) is not None:
-            for sender, build, flags in batch:
-                try:
-                    if build is None:
-                        sender.send(flags=flags)
-                    else:
-                        sender.send(build(), flags=flags)
-                except Exception:  # a client gone away must not stop the others' responses
-                    pb_utils.Logger.log_error(f"sending a response failed: {traceback.format_exc()}")
 
 
 class EngineMetrics:
@@ -196,7 +152,6 @@ class TritonPythonModel:
         self.active: dict[str, _Request] = {}
         self._last_disconnect_poll = 0.0
         self.running = True
-        self.responder = Responder()
         built: Future = Future()
         self.worker = threading.Thread(target=self._loop, args=(build_engine, built), name="engine", daemon=True)
         self.worker.start()
@@ -220,7 +175,6 @@ class TritonPythonModel:
         self.running = False
         self.inbox.put(None)
         self.worker.join(timeout=30)
-        self.responder.close(timeout=30)
 
     # -- request parsing ---------------------------------------------------------------
     def _parse(self, request, inputs: dict, sender) -> _Request:
@@ -310,7 +264,6 @@ class TritonPythonModel:
         outputs = self.engine.step() if self.engine.has_work() else []
         for output in outputs:
             self._respond(output)
-        self.responder.flush()
         # After the responses, which need not wait for metrics.
         self.metrics.update(self.engine, sum(len(o.token_ids) for o in outputs))
 
@@ -349,10 +302,8 @@ class TritonPythonModel:
     def _fail_all(self, exc: Exception) -> None:
         for key, request in list(self.active.items()):
             self.engine.cancel(key)
-            error = t.error_response(RuntimeError(f"engine failure: {exc}"))
-            self.responder.add(request.sender, lambda error=error: error, FINAL)
+            request.sender.send(t.error_response(RuntimeError(f"engine failure: {exc}")), flags=FINAL)
         self.active.clear()
-        self.responder.flush()
         # Let the engine drop the cancelled sequences.
         try:
             while self.engine.has_work():
@@ -368,8 +319,7 @@ class TritonPythonModel:
             # One failed sequence fails the request: the others are stopped, their outputs dropped.
             del self.active[output.request_id]
             self.engine.cancel(output.request_id)
-            error = t.error_response(output.error)
-            self.responder.add(request.sender, lambda: error, FINAL)
+            request.sender.send(t.error_response(output.error), flags=FINAL)
             return
         returned = request.sequences[output.sequence_index]
         prefix = returned.sent[-STREAM_PREFIX_TOKENS:]
@@ -384,43 +334,39 @@ class TritonPythonModel:
                 del self.active[output.request_id]
         if request.disconnected:
             if last:
-                self.responder.add(request.sender, None, FINAL)
+                request.sender.send(flags=FINAL)
             return
         if request.streaming:
             if output.token_ids or output.finished:
                 tokens = output.token_ids
                 log_probs = output.log_probs or [0.0] * len(tokens)
-                build = self._response(request, returned, tokens, log_probs, prefix, output)
-                self.responder.add(request.sender, build, FINAL if last else 0)
+                response = self._response(request, returned, tokens, log_probs, prefix, output)
+                request.sender.send(response, flags=FINAL if last else 0)
         elif output.finished:
             tokens = returned.sent if request.exclude_input else request.prompt + returned.sent
             log_probs = returned.log_probs or [0.0] * len(returned.sent)
-            build = self._response(request, returned, tokens, log_probs, [], output)
-            self.responder.add(request.sender, build, FINAL if last else 0)
+            response = self._response(request, returned, tokens, log_probs, [], output)
+            request.sender.send(response, flags=FINAL if last else 0)
 
     def _response(self, request: _Request, returned: _Returned, tokens, log_probs, prefix, output: StepOutput):
-        """A function making the response, on the responder thread: it reads only values taken now
-        (the sequence's lists keep growing on the engine thread)."""
         def ints(values, shape):
             return np.array(values, dtype=np.int32).reshape(shape)
 
-        n_sent, cum_log_prob = len(returned.sent), sum(returned.log_probs)
-        n_prompt, finish_reason, index = len(request.prompt), output.finish_reason or "", output.sequence_index
-        # Made only when asked for: a response is made every step for every stream.
+        # Built only when asked for: a response is made every step for every stream.
         outputs = {
             "output_ids": lambda: ints(tokens, (1, 1, len(tokens))),
             "sequence_length": lambda: ints([len(tokens)], (1, 1)),
-            "cum_log_probs": lambda: np.array([[cum_log_prob]], dtype=np.float32),
+            "cum_log_probs": lambda: np.array([[sum(returned.log_probs)]], dtype=np.float32),
             "output_log_probs": lambda: np.array(log_probs, dtype=np.float32).reshape(1, 1, -1),
-            "num_input_tokens": lambda: ints([n_prompt], (1, 1)),
-            "num_output_tokens": lambda: ints([n_sent], (1, 1)),
-            "finish_reason": lambda: np.array([[finish_reason.encode()]], dtype=object),
+            "num_input_tokens": lambda: ints([len(request.prompt)], (1, 1)),
+            "num_output_tokens": lambda: ints([len(returned.sent)], (1, 1)),
+            "finish_reason": lambda: np.array([[(output.finish_reason or "").encode()]], dtype=object),
             "prefix_ids": lambda: ints(prefix, (1, 1, len(prefix))),
             "engine_request_id": lambda: np.array([[request.key.encode()]], dtype=object),
-            "sequence_index": lambda: ints([index], (1, 1)),
+            "sequence_index": lambda: ints([output.sequence_index], (1, 1)),
         }
         wanted = request.outputs or outputs.keys()
-        return lambda: pb_utils.InferenceResponse(
+        return pb_utils.InferenceResponse(
             output_tensors=[pb_utils.Tensor(name, make()) for name, make in outputs.items() if name in wanted]
         )
 
