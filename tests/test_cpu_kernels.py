@@ -136,3 +136,17 @@ def test_model_with_kernels_follows_the_torch_path(request, kernels, name, steps
             next_tokens = step(tokens, segments)
     if steps > 1:
         assert len(sequences[0]) > 2 * fused.args.sliding_window  # past a rolling window
+
+
+def test_switched_off_the_model_runs_its_torch_ops(monkeypatch, tiny_mistral_dir):
+    monkeypatch.setenv("PLATEFORME_CPU_KERNELS", "0")
+    cpu_kernels.load.cache_clear()
+    try:
+        model = load_model(tiny_mistral_dir, dtype=BF16)
+        assert model.cpu_kernels is None and not model.use_cpu_kernels()
+        cache = model.new_slot_cache(1, 64)
+        with torch.inference_mode():
+            out = model.forward_batch(torch.tensor([5, 6, 7]), [Segment(cache.allocate(), 0, 3)], cache)
+        assert out.shape == (1, model.args.vocab_size) and out.isfinite().all()
+    finally:
+        cpu_kernels.load.cache_clear()
