@@ -102,9 +102,9 @@ class CpuKernels:
         layer's ``keys``/``values`` [n_slots, KV, capacity, D] and their attention output to ``out`` [N, H * D]."""
         capacity, threads = keys.shape[2], torch.get_num_threads()
         scratch = torch.empty(threads * (n_heads // n_kv_heads + 1) * capacity, dtype=torch.float32)
-        base, row_bytes = qkv.data_ptr(), qkv.element_size()
-        k_new = base + n_heads * head_dim * row_bytes
-        v_new = k_new + n_kv_heads * head_dim * row_bytes
+        base, item_bytes = qkv.data_ptr(), qkv.element_size()
+        k_new = base + n_heads * head_dim * item_bytes
+        v_new = k_new + n_kv_heads * head_dim * item_bytes
         self._lib.pf_decode_attention(
             base, qkv.stride(0), k_new, v_new, rows.data_ptr(), keys.data_ptr(), values.data_ptr(),
             positions.data_ptr(), slots.data_ptr(), query_pos.data_ptr(), rows.shape[0], n_heads, n_kv_heads,
