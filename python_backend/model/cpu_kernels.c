@@ -197,15 +197,8 @@ static void attend_group(const bf16 *queries, int64_t group, const bf16 *keys, c
         for (int64_t d = 0; d < head_dim; d++) out[g * head_dim + d] = to_bf16(row[d]);
     }
 }
+/* Head sizes the AVX512-BF16 path takes; the portable one takes any. */
 #define FAST_HEAD_DIM(d) ((d) % 32 == 0 && (d) <= 32 * MAX_CHUNKS)
-#else
-#define FAST_HEAD_DIM(d) 0
-static void attend_group(const bf16 *queries, int64_t group, const bf16 *keys, const bf16 *values,
-                         const int32_t *visible, int64_t n_visible, int64_t head_dim, float scale, float *scores,
-                         int64_t capacity, bf16 *out) {
-    (void)queries, (void)group, (void)keys, (void)values, (void)visible, (void)n_visible, (void)head_dim;
-    (void)scale, (void)scores, (void)capacity, (void)out;
-}
 #endif
 
 /* The same in portable C, one query head at a time. */
@@ -268,9 +261,12 @@ void pf_decode_attention(const bf16 *qkv, int64_t row_stride, const bf16 *k_new,
         memcpy(values + entry * head_dim, v_new + row * row_stride + kv * head_dim, head_dim * sizeof(bf16));
         const bf16 *queries = qkv + row * row_stride + kv * group * head_dim;
         bf16 *o = out + row * n_heads * head_dim + kv * group * head_dim;
-        if (FAST_HEAD_DIM(head_dim))
+#ifdef FAST_HEAD_DIM
+        if (FAST_HEAD_DIM(head_dim)) {
             attend_group(queries, group, keys, values, visible, n_visible, head_dim, scale, scores, capacity, o);
-        else
-            attend_group_portable(queries, group, keys, values, visible, n_visible, head_dim, scale, scores, o);
+            continue;
+        }
+#endif
+        attend_group_portable(queries, group, keys, values, visible, n_visible, head_dim, scale, scores, o);
     }
 }
