@@ -98,6 +98,41 @@ def test_decode_attention_writes_the_cache_and_matches_the_reference(kernels, he
     assert not out.isnan().any()  # never-written (NaN) entries were not read
 
 
+@pytest.fixture(scope="module")
+def linear_kernels(kernels):
+    if not kernels.has_linear:
+        pytest.skip("the linear kernel is built only where the CPU has AVX512-BF16")
+    return kernels
+
+
+@pytest.mark.parametrize("rows", [0, 1, 7, 8, 9, 16, 17, 40])  # tiles of 8 rows, and their remainders
+@pytest.mark.parametrize("out_features, in_features", [(64, 32), (832, 576), (576, 1536)])
+def test_linear_kernel_gives_the_correctly_rounded_product(linear_kernels, rows, out_features, in_features):
+    weight = randn(out_features, in_features, seed=6, scale=in_features**-0.5)
+    blocked = linear_kernels.blocked_weight(weight)
+    assert blocked is not None and blocked.serves(weight)
+    wide = randn(rows, in_features + 32, seed=7)  # rows with a stride of their own
+    x = wide[:, :in_features]
+    expected = (x.float() @ weight.float().t()).to(BF16)  # exact products, float32 sums, one rounding
+    out = blocked(x)
+    assert out.shape == (rows, out_features) and out.dtype == BF16
+    if rows:
+        assert_within_one_bf16_step(out, expected)
+
+
+def test_linear_kernel_takes_only_the_sizes_it_is_built_for(linear_kernels):
+    assert linear_kernels.blocked_weight(randn(48, 64)) is None  # outputs in blocks of 32
+    assert linear_kernels.blocked_weight(randn(64, 33)) is None  # inputs in pairs
+    assert linear_kernels.blocked_weight(torch.randn(64, 64)) is None  # float32
+
+
+def test_model_linears_run_on_the_kernel_where_it_is_built(kernels, tiny_mistral_dir):
+    model = load_model(tiny_mistral_dir, dtype=BF16)
+    packed = [model.packed_output, *(w for layer in model.layers for w in layer.attention.packed.values())]
+    kinds = {type(w).__name__ for w in packed}
+    assert kinds == ({"BlockedWeight"} if kernels.has_linear else {"PackedWeight"})
+
+
 # Mixtral over one decode step: on random weights its routers have near-ties (top-2 probabilities
 # 0.1514 / 0.1509 at step 3 here) that any bf16 rounding difference flips, and then the logits part.
 @pytest.mark.parametrize("name, steps", [("tiny_mistral_dir", 40), ("tiny_mixtral_dir", 1)])

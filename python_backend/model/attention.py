@@ -1,6 +1,8 @@
 """Grouped-query attention with optional Mistral sliding window."""
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -8,7 +10,7 @@ from torch import nn
 from .batch import BatchPlan, batched_attention
 from .cache import KVCache
 from .cpu_kernels import CpuKernels
-from .packing import PackedWeight, linear
+from .packing import RepackedWeight, linear
 from .rope import apply_rotary
 
 
@@ -48,7 +50,7 @@ class Attention(nn.Module):
         self.wo = nn.Linear(n_heads * head_dim, dim, bias=False)
         # [wq; wk; wv] in one tensor once fuse() ran; the three weights are then views into it.
         self.wqkv: torch.Tensor | None = None
-        self.packed: dict[str, PackedWeight] = {}  # "wqkv", "wo": see pack()
+        self.packed: dict[str, RepackedWeight] = {}  # "wqkv", "wo": see pack()
 
     def fuse(self) -> None:
         """One matmul for q, k and v instead of three: the same dot products, fewer passes over x."""
@@ -58,11 +60,11 @@ class Attention(nn.Module):
         self.wq.weight.data, self.wk.weight.data, self.wv.weight.data = fused[:q], fused[q : q + kv], fused[q + kv :]
         self.wqkv = fused
 
-    def pack(self) -> None:
-        """oneDNN-prepacked copies of the fused q/k/v weight and of wo (CPU float32)."""
+    def pack(self, repack: Callable[[torch.Tensor], RepackedWeight]) -> None:
+        """Repacked copies (see Transformer.pack_weights) of the fused q/k/v weight and of wo."""
         if self.wqkv is not None:
-            self.packed["wqkv"] = PackedWeight(self.wqkv)
-        self.packed["wo"] = PackedWeight(self.wo.weight)
+            self.packed["wqkv"] = repack(self.wqkv)
+        self.packed["wo"] = repack(self.wo.weight)
 
     def _out(self, attended: torch.Tensor) -> torch.Tensor:
         return linear(attended, self.wo.weight, self.packed.get("wo"))

@@ -270,3 +270,65 @@ void pf_decode_attention(const bf16 *qkv, int64_t row_stride, const bf16 *k_new,
         attend_group_portable(queries, group, keys, values, visible, n_visible, head_dim, scale, scores, o);
     }
 }
+
+#if defined(__AVX512F__) && defined(__AVX512BF16__)
+/* ---- Linear layers: y [rows, n] = x [rows, k] @ W.T, W [n, k] in bfloat16 ----------------------
+ *
+ * W is stored blocked as [n / 16][k / 2][16][2] (see BlockedWeight in cpu_kernels.py): one 64-byte
+ * load holds an input pair for 16 outputs, the operand VDPBF16PS multiplies by a broadcast pair of
+ * x. A tile is LINEAR_BLOCKS blocks of 16 outputs by up to LINEAR_ROWS rows: 16 float32
+ * accumulators, each broadcast feeding two blocks. Measured over SmolLM2's 30 layers of cold
+ * weights on a 2-core EPYC (16 rows): 2x8 tiles 11.6 ms, 1x16 15.7 ms, 4x4 12.1 ms, oneDNN's
+ * prepacked matmul 14.8 ms; with 1 row 5.3 ms against oneDNN's 10.8 ms. Products are exact and
+ * sums float32 in input order, rounded once to bfloat16. */
+enum { LINEAR_BLOCKS = 2, LINEAR_ROWS = 8 };
+
+static inline __attribute__((always_inline)) void linear_tile(const bf16 *x, int64_t x_stride, const bf16 *w,
+                                                             int64_t k, bf16 *y, int64_t y_stride, const int rows) {
+    int64_t pairs = k / 2, block_stride = pairs * 32;
+    __m512 acc[LINEAR_BLOCKS][LINEAR_ROWS];
+    for (int b = 0; b < LINEAR_BLOCKS; b++)
+        for (int r = 0; r < rows; r++) acc[b][r] = _mm512_setzero_ps();
+    for (int64_t j = 0; j < pairs; j++) {
+        __m512bh wv[LINEAR_BLOCKS];
+        for (int b = 0; b < LINEAR_BLOCKS; b++) wv[b] = (__m512bh)_mm512_loadu_si512(w + b * block_stride + j * 32);
+        for (int r = 0; r < rows; r++) {
+            int32_t pair;
+            memcpy(&pair, x + r * x_stride + 2 * j, sizeof pair);
+            __m512bh xb = (__m512bh)_mm512_set1_epi32(pair);
+            for (int b = 0; b < LINEAR_BLOCKS; b++) acc[b][r] = _mm512_dpbf16_ps(acc[b][r], xb, wv[b]);
+        }
+    }
+    for (int b = 0; b < LINEAR_BLOCKS; b++)
+        for (int r = 0; r < rows; r++)
+            _mm256_storeu_si256((__m256i *)(y + r * y_stride + b * 16), (__m256i)_mm512_cvtneps_pbh(acc[b][r]));
+}
+
+/* The tile with its row count a constant, so that its accumulators stay in registers. */
+static void linear_tile_rows(const bf16 *x, int64_t x_stride, const bf16 *w, int64_t k, bf16 *y, int64_t y_stride,
+                             int rows) {
+    switch (rows) {
+#define LINEAR_TILE_CASE(R) \
+    case R: linear_tile(x, x_stride, w, k, y, y_stride, R); break;
+        LINEAR_TILE_CASE(1) LINEAR_TILE_CASE(2) LINEAR_TILE_CASE(3) LINEAR_TILE_CASE(4)
+        LINEAR_TILE_CASE(5) LINEAR_TILE_CASE(6) LINEAR_TILE_CASE(7) LINEAR_TILE_CASE(8)
+#undef LINEAR_TILE_CASE
+    }
+}
+
+/* n a multiple of 16 * LINEAR_BLOCKS, k even. Each thread takes a run of output blocks and all rows,
+ * so its slice of W is read from memory once. */
+void pf_linear(const bf16 *x, int64_t x_stride, int64_t rows, int64_t k, const bf16 *w, int64_t n, bf16 *y,
+               int64_t n_threads) {
+    int64_t groups = n / (16 * LINEAR_BLOCKS);
+#pragma omp parallel for num_threads(n_threads) schedule(static)
+    for (int64_t g = 0; g < groups; g++) {
+        const bf16 *w_group = w + g * LINEAR_BLOCKS * (k / 2) * 32;
+        for (int64_t r0 = 0; r0 < rows; r0 += LINEAR_ROWS) {
+            int tile_rows = rows - r0 < LINEAR_ROWS ? (int)(rows - r0) : LINEAR_ROWS;
+            linear_tile_rows(x + r0 * x_stride, x_stride, w_group, k, y + r0 * n + g * 16 * LINEAR_BLOCKS, n,
+                             tile_rows);
+        }
+    }
+}
+#endif

@@ -20,6 +20,8 @@ import torch
 
 from plateforme.paths import home
 
+from .packing import RepackedWeight
+
 log = logging.getLogger(__name__)
 
 SOURCE = Path(__file__).with_name("cpu_kernels.c")
@@ -34,6 +36,10 @@ _SIGNATURES = {
     "pf_silu_mul": [_ptr, _ptr, _i64, _i64, _i64],
     "pf_decode_attention": [_ptr, _i64, _ptr, _ptr, *[_ptr] * 6, *[_i64] * 6, _f32, _ptr, _i64, _ptr],
 }
+# Built only where the CPU has AVX512-BF16; elsewhere the linear layers stay with oneDNN or torch.
+_LINEAR_SIGNATURE = ("pf_linear", [_ptr, _i64, _i64, _i64, _ptr, _i64, _ptr, _i64])
+# Output blocks of 16, taken two at a time (cpu_kernels.c), and input pairs.
+LINEAR_OUT_MULTIPLE, LINEAR_IN_MULTIPLE = 32, 2
 
 
 def _machine_key() -> str:
@@ -63,6 +69,29 @@ def _compile() -> Path:
     return target
 
 
+class BlockedWeight(RepackedWeight):
+    """A bfloat16 weight [out, in] in pf_linear's layout, [out / 16][in / 2][16][2]: each 64-byte row
+    of it is an input pair for 16 outputs."""
+
+    def __init__(self, weight: torch.Tensor, linear):
+        super().__init__(weight)
+        out_features, in_features = weight.shape
+        self.out_features, self.in_features = out_features, in_features
+        self.blocked = (
+            weight.detach().view(out_features // 16, 16, in_features // 2, 2).permute(0, 2, 1, 3).contiguous()
+        )
+        self._linear = linear
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        if x.stride(-1) != 1:
+            x = x.contiguous()
+        out = x.new_empty(x.shape[0], self.out_features)
+        if x.shape[0]:
+            self._linear(x.data_ptr(), x.stride(0), x.shape[0], self.in_features, self.blocked.data_ptr(),
+                         self.out_features, out.data_ptr(), torch.get_num_threads())
+        return out
+
+
 class CpuKernels:
     """The library's functions on torch tensors (bfloat16, contiguous rows, CPU)."""
 
@@ -71,6 +100,25 @@ class CpuKernels:
             function = getattr(library, name)
             function.argtypes, function.restype = argtypes, None
         self._lib = library
+        name, argtypes = _LINEAR_SIGNATURE
+        self._linear = getattr(library, name, None)
+        if self._linear is not None:
+            self._linear.argtypes, self._linear.restype = argtypes, None
+
+    @property
+    def has_linear(self) -> bool:
+        """Whether the library has the linear kernel (built where the CPU has AVX512-BF16)."""
+        return self._linear is not None
+
+    def blocked_weight(self, weight: torch.Tensor) -> BlockedWeight | None:
+        """``weight`` [out, in] for the linear kernel; None where that does not run it (no AVX512-BF16,
+        not bfloat16, or sizes that are not multiples of its blocks)."""
+        if not self.has_linear or weight.dtype != torch.bfloat16 or weight.dim() != 2 or weight.device.type != "cpu":
+            return None
+        out_features, in_features = weight.shape
+        if out_features % LINEAR_OUT_MULTIPLE or in_features % LINEAR_IN_MULTIPLE:
+            return None
+        return BlockedWeight(weight, self._linear)
 
     def rms_norm(self, x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
         out = torch.empty_like(x)

@@ -24,23 +24,33 @@ def packing_available(dtype: torch.dtype, device: torch.device) -> bool:
     return dtype == torch.float32 or (dtype == torch.bfloat16 and torch.ops.mkldnn._is_mkldnn_bf16_supported())
 
 
-class PackedWeight:
-    """A weight [out, in] reordered for oneDNN. It serves the tensor it was made from, not one that
-    replaced it (a reload, a move); weights are not meant to be edited in place once loaded
+class RepackedWeight:
+    """A weight [out, in] reordered for a matmul kernel. It serves the tensor it was made from, not one
+    that replaced it (a reload, a move); weights are not meant to be edited in place once loaded
     (inference tensors carry no version counter to notice it)."""
 
     def __init__(self, weight: torch.Tensor):
         self._source = (weight.data_ptr(), tuple(weight.shape))
-        self.packed = torch.ops.mkldnn._reorder_linear_weight(weight.detach(), _TUNED_ROWS)
 
     def serves(self, weight: torch.Tensor) -> bool:
         return self._source == (weight.data_ptr(), tuple(weight.shape))
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+
+class PackedWeight(RepackedWeight):
+    """A weight reordered for oneDNN."""
+
+    def __init__(self, weight: torch.Tensor):
+        super().__init__(weight)
+        self.packed = torch.ops.mkldnn._reorder_linear_weight(weight.detach(), _TUNED_ROWS)
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
         return torch.ops.mkldnn._linear_pointwise(x.contiguous(), self.packed, None, "none", [], "")
 
 
-def linear(x: torch.Tensor, weight: torch.Tensor, packed: PackedWeight | None) -> torch.Tensor:
+def linear(x: torch.Tensor, weight: torch.Tensor, packed: RepackedWeight | None) -> torch.Tensor:
     """x @ weight.T, through the packed copy when there is a current one."""
     if packed is not None and x.dim() == 2 and packed.serves(weight):
         return packed(x)

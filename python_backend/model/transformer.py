@@ -1,6 +1,8 @@
 """Decoder-only transformer of the Mistral family (Mistral, Mixtral, Llama)."""
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -12,7 +14,7 @@ from . import cpu_kernels
 from .cache import KVCache
 from .cpu_kernels import CpuKernels
 from .moe import MoeLayer
-from .packing import PackedWeight, linear, packing_available
+from .packing import PackedWeight, RepackedWeight, linear, packing_available
 from .rope import rope_cos_sin
 
 
@@ -39,7 +41,7 @@ class FeedForward(nn.Module):
         self.w3 = nn.Linear(dim, hidden_dim, bias=False)
         # [w1; w3] in one tensor once fuse() ran; w1 and w3 are then views into it.
         self.w13: torch.Tensor | None = None
-        self.packed: dict[str, PackedWeight] = {}  # "w13", "w2": see pack()
+        self.packed: dict[str, RepackedWeight] = {}  # "w13", "w2": see pack()
 
     def fuse(self) -> None:
         """One matmul for gate and up instead of two."""
@@ -49,11 +51,11 @@ class FeedForward(nn.Module):
         self.w1.weight.data, self.w3.weight.data = fused[:hidden], fused[hidden:]
         self.w13 = fused
 
-    def pack(self) -> None:
-        """oneDNN-prepacked copies of the fused gate/up weight and of w2 (CPU float32)."""
+    def pack(self, repack: Callable[[torch.Tensor], RepackedWeight]) -> None:
+        """Repacked copies (see Transformer.pack_weights) of the fused gate/up weight and of w2."""
         if self.w13 is not None:
-            self.packed["w13"] = PackedWeight(self.w13)
-        self.packed["w2"] = PackedWeight(self.w2.weight)
+            self.packed["w13"] = repack(self.w13)
+        self.packed["w2"] = repack(self.w2.weight)
 
     def forward(self, x: torch.Tensor, kernels: CpuKernels | None = None) -> torch.Tensor:
         if self.w13 is not None and self.w13.data_ptr() == self.w1.weight.data_ptr():
@@ -126,7 +128,7 @@ class Transformer(nn.Module):
         self.norm = RMSNorm(args.dim, args.norm_eps)
         # With tied embeddings the loader points output.weight at tok_embeddings.weight.
         self.output = nn.Linear(args.dim, args.vocab_size, bias=False)
-        self.packed_output: PackedWeight | None = None
+        self.packed_output: RepackedWeight | None = None
         self.cpu_kernels: CpuKernels | None = None  # see use_cpu_kernels()
 
     @property
@@ -181,16 +183,23 @@ class Transformer(nn.Module):
                 layer.feed_forward.fuse()
 
     def pack_weights(self) -> bool:
-        """oneDNN-prepacked copies of the dense layers' weights and of the output projection, on CPU in
-        float32, or bfloat16 where it is native (see packing.py); False (nothing done) elsewhere.
-        MoE experts keep their own path."""
+        """Repacked copies of the dense layers' weights and of the output projection, on CPU in float32,
+        or bfloat16 where it is native: for the CPU kernels' linear (cpu_kernels.py) where they have
+        it, for oneDNN (packing.py) otherwise. False (nothing done) elsewhere. MoE experts keep
+        their own path. After use_cpu_kernels(), so that the kernels' layout is used."""
         if not packing_available(self.dtype, self.device):
             return False
+        kernels = self.cpu_kernels
+
+        def repack(weight: torch.Tensor) -> RepackedWeight:
+            blocked = kernels.blocked_weight(weight) if kernels is not None else None
+            return blocked if blocked is not None else PackedWeight(weight)
+
         for layer in self.layers:
-            layer.attention.pack()
+            layer.attention.pack(repack)
             if isinstance(layer.feed_forward, FeedForward):
-                layer.feed_forward.pack()
-        self.packed_output = PackedWeight(self.output.weight)
+                layer.feed_forward.pack(repack)
+        self.packed_output = repack(self.output.weight)
         return True
 
     def use_cpu_kernels(self) -> bool:

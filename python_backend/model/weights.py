@@ -129,6 +129,6 @@ def load_model(
     if args.tie_embeddings:
         model.output.weight = model.tok_embeddings.weight
     model.fuse_projections()
-    model.pack_weights()
     model.use_cpu_kernels()
+    model.pack_weights()
     return model.eval().requires_grad_(False)
