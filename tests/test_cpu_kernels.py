@@ -173,6 +173,26 @@ def test_model_with_kernels_follows_the_torch_path(request, kernels, name, steps
         assert len(sequences[0]) > 2 * fused.args.sliding_window  # past a rolling window
 
 
+def test_a_layer_without_its_fused_weight_sends_the_model_down_the_torch_path(kernels, tiny_mistral_dir):
+    """The kernels need every layer's fused q/k/v weight: once one no longer serves (a weight replaced),
+    the whole step runs the torch path, whose plan then carries the torch decode tensors."""
+    models = [load_model(tiny_mistral_dir, dtype=BF16) for _ in range(2)]
+    for model in models:
+        wq = model.layers[1].attention.wq
+        wq.weight.data = wq.weight.data.clone()  # same values, no longer a view of the fused weight
+    models[1].cpu_kernels = None
+    prompt = list(range(5, 17))
+    outs = []
+    with torch.inference_mode():
+        for model in models:
+            cache = model.new_slot_cache(1, 64)
+            slot = cache.allocate()
+            model.forward_batch(torch.tensor(prompt), [Segment(slot, 0, len(prompt))], cache)
+            outs.append(model.forward_batch(torch.tensor([7]), [Segment(slot, len(prompt), 1)], cache))
+    assert models[0].cpu_kernels is not None
+    assert torch.equal(outs[0], outs[1]) and outs[0].isfinite().all()
+
+
 def test_switched_off_the_model_runs_its_torch_ops(monkeypatch, tiny_mistral_dir):
     monkeypatch.setenv("PLATEFORME_CPU_KERNELS", "0")
     cpu_kernels.load.cache_clear()

@@ -69,13 +69,14 @@ class Attention(nn.Module):
     def _out(self, attended: torch.Tensor) -> torch.Tensor:
         return linear(attended, self.wo.weight, self.packed.get("wo"))
 
-    def _fused_weight_current(self) -> bool:
-        # The fused weight serves only while wq still points into it (not after a reload or a move).
+    def fused_weight_current(self) -> bool:
+        """Whether the fused q/k/v weight serves: only while wq still points into it (not after a
+        reload or a move)."""
         return self.wqkv is not None and self.wqkv.data_ptr() == self.wq.weight.data_ptr()
 
     def _qkv(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
         n_tokens = x.shape[0]
-        if self._fused_weight_current():
+        if self.fused_weight_current():
             qkv = linear(x, self.wqkv, self.packed.get("wqkv")).view(n_tokens, -1, self.head_dim)
             # q and k rotate together: one set of elementwise ops for both.
             qk = apply_rotary(qkv[:, : self.n_heads + self.n_kv_heads], cos, sin)
@@ -90,7 +91,7 @@ class Attention(nn.Module):
                       layer: int, kernels: CpuKernels | None = None) -> torch.Tensor:
         """``x`` [N, dim]: the step's tokens of every sequence in ``plan``, flattened."""
         n_tokens = x.shape[0]
-        if kernels is not None and self._fused_weight_current():
+        if kernels is not None:  # the model checked fused_weight_current()
             qkv = linear(x, self.wqkv, self.packed.get("wqkv"))
             kernels.rotary_(qkv, self.n_heads + self.n_kv_heads, self.head_dim, cos, sin)
             q, k, v = qkv.view(n_tokens, -1, self.head_dim).split([self.n_heads, self.n_kv_heads, self.n_kv_heads], 1)

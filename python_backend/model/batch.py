@@ -100,8 +100,11 @@ class BatchPlan:
     Built once per step (the masks are the same for every layer) before any key is written.
     """
 
-    def __init__(self, segments: list[Segment], cache: SlotKVCache, device: torch.device):
+    def __init__(self, segments: list[Segment], cache: SlotKVCache, device: torch.device, torch_decode: bool = True):
+        """``torch_decode``: also build what the torch decode attention needs (flat KV rows, the score
+        bias, zeroed never-written entries); the CPU kernels' decode attention needs none of it."""
         self.segments = segments
+        self.torch_decode = torch_decode
         self.cache = cache
         window = cache.window
         capacity = cache.capacity
@@ -128,34 +131,10 @@ class BatchPlan:
             self.decode_slots = torch.tensor(slots, device=device)
             self.decode_query_pos = query_pos
             write_index = query_pos % capacity
-            self.slot_range = max(slots) + 1
-            self.decode_len = min(capacity, int(query_pos.max()) + 1)
-            # Rows of a layer's key (or value) cache viewed as [n_slots * n_kv_heads * capacity, head_dim]
-            # where each decode token's heads go: (slot, head, write_index) -> one flat row each.
-            n_kv = cache.kv.shape[3]
-            heads = torch.arange(n_kv, device=device)
-            self.decode_kv_rows = ((self.decode_slots[:, None] * n_kv + heads) * capacity
-                                   + write_index[:, None]).reshape(-1)
             # Record the new positions first: each decode query also attends to its own key.
             cache.positions.view(-1).index_copy_(0, self.decode_slots * capacity + write_index, query_pos)
-            keys = cache.positions[: self.slot_range, : self.decode_len]
-            q = torch.zeros(self.slot_range, dtype=torch.long, device=device)
-            q.index_copy_(0, self.decode_slots, query_pos)
-            mask = (keys >= 0) & (keys <= q[:, None])
-            if window:
-                mask &= keys > q[:, None] - window
-            # Slots without a decode token this step get a harmless query; their output is dropped.
-            idle = torch.ones(self.slot_range, dtype=torch.bool, device=device)
-            idle.index_fill_(0, self.decode_slots, False)
-            mask[:, 0] |= idle
-            # Added to the scores: 0 where a key is seen, -inf where it is not (one tensor per step).
-            bias = torch.zeros(mask.shape, dtype=cache.kv.dtype, device=device)
-            self.decode_bias = bias.masked_fill_(~mask, float("-inf"))[:, None, None, :]
-            # In steady state the decode tokens are the batch's first segments (so rows 0..n-1), in slots
-            # 0..n-1: attention then reads and writes them in place, without gathering and scattering.
-            first_n = list(range(len(decode)))
-            self.decode_in_place = decode == first_n and slots == first_n
-            cache.ensure_initialized(self.slot_range, self.decode_len)
+            if torch_decode:
+                self._plan_torch_decode(decode, slots, write_index)
             for i in decode:
                 cache.lengths[segments[i].slot] = segments[i].start_pos + 1
 
@@ -180,6 +159,36 @@ class BatchPlan:
             self.prefill.append((i, cached, mask, seg.n_tokens - keep, kept_pos % capacity))
             cache.positions[seg.slot].index_copy_(0, kept_pos % capacity, kept_pos)
             cache.lengths[seg.slot] = seg.start_pos + seg.n_tokens
+
+
+    def _plan_torch_decode(self, decode: list[int], slots: list[int], write_index: torch.Tensor) -> None:
+        cache, capacity, device = self.cache, self.cache.capacity, self.decode_slots.device
+        query_pos = self.decode_query_pos
+        self.slot_range = max(slots) + 1
+        self.decode_len = min(capacity, int(query_pos.max()) + 1)
+        # Rows of a layer's key (or value) cache viewed as [n_slots * n_kv_heads * capacity, head_dim]
+        # where each decode token's heads go: (slot, head, write_index) -> one flat row each.
+        n_kv = cache.kv.shape[3]
+        heads = torch.arange(n_kv, device=device)
+        self.decode_kv_rows = ((self.decode_slots[:, None] * n_kv + heads) * capacity + write_index[:, None]).reshape(-1)
+        keys = cache.positions[: self.slot_range, : self.decode_len]
+        q = torch.zeros(self.slot_range, dtype=torch.long, device=device)
+        q.index_copy_(0, self.decode_slots, query_pos)
+        mask = (keys >= 0) & (keys <= q[:, None])
+        if cache.window:
+            mask &= keys > q[:, None] - cache.window
+        # Slots without a decode token this step get a harmless query; their output is dropped.
+        idle = torch.ones(self.slot_range, dtype=torch.bool, device=device)
+        idle.index_fill_(0, self.decode_slots, False)
+        mask[:, 0] |= idle
+        # Added to the scores: 0 where a key is seen, -inf where it is not (one tensor per step).
+        bias = torch.zeros(mask.shape, dtype=cache.kv.dtype, device=device)
+        self.decode_bias = bias.masked_fill_(~mask, float("-inf"))[:, None, None, :]
+        # In steady state the decode tokens are the batch's first segments (so rows 0..n-1), in slots
+        # 0..n-1: attention then reads and writes them in place, without gathering and scattering.
+        first_n = list(range(len(decode)))
+        self.decode_in_place = decode == first_n and slots == first_n
+        cache.ensure_initialized(self.slot_range, self.decode_len)
 
 
 def decode_attention(
@@ -214,6 +223,8 @@ def batched_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: B
                                  cache.kv[layer, 1], cache.positions, plan.decode_slots, plan.decode_query_pos,
                                  cache.window, out)
     elif plan.decode:
+        if not plan.torch_decode:
+            raise RuntimeError("this step's plan was built for the CPU kernels' decode attention")
         rows, slots, n_decode = plan.decode_rows, plan.decode_slots, len(plan.decode)
         head_dim = k.shape[-1]
         for kind, new in ((0, k), (1, v)):

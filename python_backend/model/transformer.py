@@ -159,13 +159,17 @@ class Transformer(nn.Module):
                     f"positions up to {seg.start_pos + seg.n_tokens - 1} exceed max_position_embeddings "
                     f"{self.args.max_position_embeddings}"
                 )
-        plan = BatchPlan(segments, cache, tokens.device)
+        # The kernels need every layer's fused q/k/v weight (not the case after a reload, say).
+        kernels = self.cpu_kernels
+        if kernels is not None and not all(layer.attention.fused_weight_current() for layer in self.layers):
+            kernels = None
+        plan = BatchPlan(segments, cache, tokens.device, torch_decode=kernels is None)
         if plan.n_tokens != tokens.shape[0]:
             raise ValueError(f"segments cover {plan.n_tokens} tokens, got {tokens.shape[0]}")
         h = self.tok_embeddings(tokens)
         cos, sin = rope_cos_sin(plan.token_positions, self.args.head_dim, self.args.rope_theta, h.dtype)
-        if self.cpu_kernels is not None:
-            kernels, first_norm = self.cpu_kernels, self.layers[0].attention_norm
+        if kernels is not None:
+            first_norm = self.layers[0].attention_norm
             normed = kernels.rms_norm(h, first_norm.weight, first_norm.eps)
             next_norms = [layer.attention_norm for layer in self.layers[1:]] + [self.norm]
             for i, (layer, next_norm) in enumerate(zip(self.layers, next_norms)):
