@@ -45,6 +45,9 @@ _PYTORCH_POSTPROCESSING_INPUT_MAP = (
 )
 
 
+SEPARATE_PREFILL_CHOICES = ("auto", "true", "false")
+
+
 class RepositoryError(ValueError):
     pass
 
@@ -59,6 +62,7 @@ class ChatEndpoint:
     max_batch_size: int = 16  # also the engine's in-flight batch (KV cache slots)
     max_num_tokens: int = 512  # tokens per engine step
     batch_scheduler_policy: str = "guaranteed_no_evict"
+    separate_prefill: str = "auto"  # PyTorch engine: auto, true or false (see the engine model's config)
     max_queue_size: int = 0  # 0: unbounded
     max_queue_delay_ms: int = 0  # 0: no limit
     max_seq_len: int = 0  # 0: the model's own context length
@@ -121,6 +125,11 @@ def _check_chat_model_dir(endpoint: ChatEndpoint) -> None:
         raise RepositoryError(f"{endpoint.name}: engine must be one of {ENGINE_KINDS}")
     if endpoint.engine == "tensorrtllm" and not (endpoint.engine_dir and Path(endpoint.engine_dir).is_dir()):
         raise RepositoryError(f"{endpoint.name}: --engine tensorrtllm needs an existing engine directory")
+    if endpoint.separate_prefill not in SEPARATE_PREFILL_CHOICES:
+        raise RepositoryError(
+            f"{endpoint.name}: separate_prefill must be one of {SEPARATE_PREFILL_CHOICES}, "
+            f"got {endpoint.separate_prefill!r}"
+        )
 
 
 def _check_onnx_embedder(endpoint: EmbeddingEndpoint) -> Path:
@@ -261,6 +270,7 @@ def _chat_models(
             "num_threads": endpoint.num_threads,
             "max_num_tokens": endpoint.max_num_tokens,
             "batch_scheduler_policy": endpoint.batch_scheduler_policy,
+            "separate_prefill": endpoint.separate_prefill,
             "max_queue_size": endpoint.max_queue_size,
             "max_queue_delay_ms": endpoint.max_queue_delay_ms,
         })

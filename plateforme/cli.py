@@ -109,6 +109,7 @@ def cmd_repo(args) -> int:
                 dtype=args.dtype,
                 max_batch_size=args.max_batch_size,
                 max_num_tokens=args.max_num_tokens,
+                separate_prefill=args.separate_prefill,
                 max_seq_len=args.max_seq_len,
                 kv_cache_free_gpu_mem_fraction=args.kv_cache_free_gpu_mem_fraction,
             )
@@ -393,6 +394,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="Triton max_batch_size; for the PyTorch engine also the in-flight batch (default 16)")
     p.add_argument("--max-num-tokens", type=int, default=512,
                    help="PyTorch engine: most tokens in one step, decodes and prefill chunks (default 512)")
+    p.add_argument("--separate-prefill", default="auto", choices=["auto", "true", "false"],
+                   help="PyTorch engine: run a step that can finish the new prompts without the decodes, "
+                        "so first tokens come sooner where step time grows with its tokens (default auto: "
+                        "true on CPU, false on GPU)")
     p.add_argument("--max-seq-len", type=int, default=0,
                    help="context length in tokens (default: the checkpoint's, capped at 8192)")
     p.add_argument("--kv-cache-free-gpu-mem-fraction", type=float, default=0.9,

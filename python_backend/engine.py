@@ -4,7 +4,8 @@ Callers add requests, then call :meth:`Engine.step` while :meth:`Engine.has_work
 cancelled and expired requests leave; queued requests join while KV cache slots are free; then
 ONE forward pass runs every running sequence's next token together with prefill chunks of newly
 joined ones, under a budget of `max_num_tokens` tokens per step (chunked prefill, so a long
-prompt never stalls the decoding of the others). Each request keeps its own sampling state.
+prompt never stalls the decoding of the others). With ``separate_prefill`` a step that can finish
+every admitted prompt runs them alone, and the decodes run in the next step. Each request keeps its own sampling state.
 A request may ask for several sequences (num_return_sequences): its prompt is prefilled once, then
 its KV cache entries are copied into the other sequences' slots and each samples on its own.
 The engine is not thread-safe: callers serialise ``add_request``, ``cancel`` and ``step``.
@@ -114,10 +115,19 @@ class Engine:
         max_num_tokens: int = 512,
         max_queue_size: int = 0,
         queue_timeout_s: float = 0.0,
+        separate_prefill: bool | None = None,
     ):
         """``max_batch_size`` sequences run at once (KV cache slots); ``max_num_tokens`` bounds the
         tokens of one step; ``max_queue_size`` (0: unbounded) requests may wait for a slot, each at most
-        ``queue_timeout_s`` seconds (0: no limit)."""
+        ``queue_timeout_s`` seconds (0: no limit).
+
+        ``separate_prefill``: when the admitted prompts' remaining tokens fit in one step, that step
+        runs them without the decodes, which run next (never two such steps in a row, so that short
+        requests arriving back to back cannot starve the decodes). Where a step's time grows with its
+        tokens, as on CPU (compute-bound from about 16 rows), a new request's first token then does not
+        wait for the decodes' work, and the decodes wait no longer than in a mixed step. Where a decode
+        step costs a pass over the weights whatever its rows, as on a GPU, mixing saves that pass.
+        None (default): separate on CPU, mixed elsewhere."""
         if isinstance(dtype, str):
             dtype = resolve_dtype(dtype, device)
         for name, value, minimum in (("max_batch_size", max_batch_size, 1), ("max_num_tokens", max_num_tokens, 1),
@@ -134,6 +144,8 @@ class Engine:
             )
         self._max_seq_len = max_seq_len
         self.max_num_tokens = max_num_tokens
+        self.separate_prefill = self.model.device.type == "cpu" if separate_prefill is None else separate_prefill
+        self._last_step_prefill_only = False
         self.max_queue_size = max_queue_size
         self.queue_timeout_s = queue_timeout_s
         self.cache = self.model.new_slot_cache(max_batch_size, max_seq_len)
@@ -257,13 +269,19 @@ class Engine:
     def _forward(self) -> list[StepOutput]:
         segments, tokens, owners = [], [], []
         budget = self.max_num_tokens
-        for seq in self._running:  # decode steps first: running sequences never wait
-            if seq.prefilled == len(seq.prompt):
-                position = len(seq.prompt) + len(seq.tokens) - 1
-                segments.append(Segment(seq.slot, position, 1))
-                tokens.append(seq.tokens[-1])
-                owners.append(seq)
-                budget -= 1
+        decoding = [seq for seq in self._running if seq.prefilled == len(seq.prompt)]
+        unprefilled = sum(len(seq.prompt) - seq.prefilled for seq in self._running)
+        # See separate_prefill in __init__.
+        prefill_only = bool(self.separate_prefill and decoding and not self._last_step_prefill_only
+                            and 0 < unprefilled <= budget)
+        self._last_step_prefill_only = prefill_only
+        # Otherwise decode steps first: a running sequence waits for at most one prefill-only step.
+        for seq in [] if prefill_only else decoding:
+            position = len(seq.prompt) + len(seq.tokens) - 1
+            segments.append(Segment(seq.slot, position, 1))
+            tokens.append(seq.tokens[-1])
+            owners.append(seq)
+            budget -= 1
         for seq in self._running:  # then prefill chunks, oldest first, within the budget
             remaining = len(seq.prompt) - seq.prefilled
             if remaining and budget > 0:

@@ -47,9 +47,11 @@ def test_user_mistakes_are_one_clear_line(args, message):
 
 
 def test_repo_renders_given_endpoints(tmp_path, tiny_mistral_dir):
-    result = plateforme("repo", "--out", str(tmp_path / "repo"), "--endpoint", f"mistral-tiny={tiny_mistral_dir}")
+    result = plateforme("repo", "--out", str(tmp_path / "repo"), "--endpoint", f"mistral-tiny={tiny_mistral_dir}",
+                        "--separate-prefill", "false")
     assert result.returncode == 0, result.stderr
-    assert (tmp_path / "repo" / "mistral-tiny-engine" / "config.pbtxt").exists()
+    config = (tmp_path / "repo" / "mistral-tiny-engine" / "config.pbtxt").read_text()
+    assert 'key: "separate_prefill" value: { string_value: "false" }' in config
 
 
 def test_chat_and_embed_against_a_running_server(server):

@@ -296,6 +296,44 @@ def test_interleaved_requests_keep_their_own_state(mistral, mixtral, reference):
     assert [t for s in outputs["z"] for t in s.token_ids] == expected[:2]
 
 
+@pytest.mark.parametrize("separate", [True, False])
+def test_prefill_runs_apart_from_the_decodes_only_when_asked_and_never_twice_in_a_row(mistral, reference, separate):
+    ids, expected = reference
+    tokens: dict[str, list[int]] = {}
+
+    def step() -> set[str]:
+        """Requests with an output this step (their tokens recorded)."""
+        outputs = mistral.step()
+        for out in outputs:
+            tokens.setdefault(out.request_id, []).extend(out.token_ids)
+        return {out.request_id for out in outputs}
+
+    budget, default = mistral.max_num_tokens, mistral.separate_prefill
+    mistral.max_num_tokens, mistral.separate_prefill = 16, separate
+    try:
+        mistral.add_request("a", ids, SamplingParams(max_tokens=20))
+        assert step() == {"a"} and step() == {"a"}  # prefill, then a decode
+        mistral.add_request("b", prompt(7, seed=20), SamplingParams(max_tokens=20))
+        if separate:  # b's prompt alone, then everyone
+            assert step() == {"b"}
+        assert step() == {"a", "b"}
+        # Prompts arriving back to back: a prefill-only step is always followed by the decodes.
+        mistral.add_request("c", prompt(5, seed=21), SamplingParams(max_tokens=20))
+        assert step() == ({"c"} if separate else {"a", "b", "c"})
+        mistral.add_request("d", prompt(5, seed=22), SamplingParams(max_tokens=20))
+        assert step() == {"a", "b", "c", "d"}
+        # A prompt longer than a step's budget rides along with the decodes, 12 tokens a step (16 - 4
+        # decodes); with its remainder fitting in one step, that runs alone.
+        mistral.add_request("e", prompt(41, seed=23), SamplingParams(max_tokens=20))
+        assert [step() for _ in range(3)] == [{"a", "b", "c", "d"}] * 3
+        assert step() == ({"e"} if separate else {"a", "b", "c", "d", "e"})
+        while mistral.has_work():
+            step()
+    finally:
+        mistral.max_num_tokens, mistral.separate_prefill = budget, default
+    assert tokens["a"] == expected[:20]  # the schedule changes when tokens come, not which
+
+
 # --- several sequences per request (num_return_sequences) ------------------------------------------
 
 

@@ -66,6 +66,8 @@ def test_render_repository_layout(tmp_path, tiny_mistral_dir, tiny_mixtral_dir):
     for step in ("mistral-tiny-preprocessing", "mistral-tiny-engine", "mistral-tiny-postprocessing"):
         assert f'model_name: "{step}"' in ensemble
     assert 'key: "PREFIX_IDS"' in ensemble
+    engine_config = (out / "mistral-tiny-engine" / "config.pbtxt").read_text()
+    assert 'key: "separate_prefill" value: { string_value: "auto" }' in engine_config
     model_py = (out / "mistral-tiny-engine" / "1" / "model.py").read_text()
     assert "from plateforme.python_backend.triton.engine import TritonPythonModel" in model_py
     manifest = json.loads((out / "plateforme.json").read_text())
@@ -99,6 +101,7 @@ def test_render_tensorrtllm_engine_variant(tmp_path, tiny_mistral_dir):
     (lambda d, t: ChatEndpoint("bad name!", d), "not a valid Triton model name"),
     (lambda d, t: ChatEndpoint("m", t), "no config.json"),
     (lambda d, t: ChatEndpoint("m", d, engine="tensorrtllm"), "engine directory"),
+    (lambda d, t: ChatEndpoint("m", d, separate_prefill="yes"), "separate_prefill must be one of"),
 ])
 def test_render_errors_are_clear(tmp_path, tiny_mistral_dir, make_endpoint, message):
     with pytest.raises(RepositoryError, match=message):

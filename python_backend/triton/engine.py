@@ -130,6 +130,8 @@ class TritonPythonModel:
         policy = params.get("batch_scheduler_policy", "guaranteed_no_evict")
         if policy not in SCHEDULER_POLICIES:
             raise ValueError(f"batch_scheduler_policy must be one of {SCHEDULER_POLICIES}, got {policy!r}")
+        separate_prefill = params.get("separate_prefill", "auto").strip().lower()
+        separate = None if separate_prefill in ("", "auto") else t.bool_parameter(params, "separate_prefill", False)
         config = json.loads(args["model_config"])
 
         def build_engine() -> Engine:
@@ -143,6 +145,7 @@ class TritonPythonModel:
                 max_num_tokens=t.int_parameter(params, "max_num_tokens", 512),
                 max_queue_size=t.int_parameter(params, "max_queue_size", 0),
                 queue_timeout_s=t.int_parameter(params, "max_queue_delay_ms", 0) / 1000,
+                separate_prefill=separate,
             )
 
         self.metrics = EngineMetrics(args["model_name"])
