@@ -64,6 +64,14 @@ def test_streamed_chunks_concatenate_to_the_full_answer(server, model):
     assert len(full) == 1 and len(chunks) > 5
     assert text_of(chunks) == text_of(full)
     assert text_of(full)
+    # Every chunk carries the request's own figures; only the last one a finish reason.
+    def scalar(response, name):
+        return response[name].reshape(-1)[0]
+    assert {int(scalar(c, "num_input_tokens")) for c in chunks} == {int(scalar(full[0], "num_input_tokens"))}
+    assert [scalar(c, "finish_reason").decode() for c in chunks] == [""] * (len(chunks) - 1) + [
+        scalar(full[0], "finish_reason").decode()]
+    counts = [int(scalar(c, "num_output_tokens")) for c in chunks]
+    assert counts == sorted(counts) and counts[-1] == int(scalar(full[0], "num_output_tokens"))
 
 
 def test_bls_answers_like_the_ensemble(server):

@@ -99,6 +99,9 @@ class _Returned:
 
     sent: list[int] = field(default_factory=list)  # generated tokens
     log_probs: list[float] = field(default_factory=list)
+    # Output tensors whose value stays the same in every response, made once: a send copies a tensor
+    # out of the stub's shared memory before it returns, so the next response can carry it again.
+    unchanging: dict[str, object] = field(default_factory=dict)
 
 
 @dataclass
@@ -369,9 +372,21 @@ class TritonPythonModel:
             "sequence_index": lambda: ints([output.sequence_index], (1, 1)),
         }
         wanted = request.outputs or outputs.keys()
-        return pb_utils.InferenceResponse(
-            output_tensors=[pb_utils.Tensor(name, make()) for name, make in outputs.items() if name in wanted]
-        )
+        unchanging = {"num_input_tokens", "engine_request_id", "sequence_index"}
+        if not output.finish_reason:
+            unchanging.add("finish_reason")
+        tensors = []
+        for name, make in outputs.items():
+            if name not in wanted:
+                continue
+            if name not in unchanging:
+                tensors.append(pb_utils.Tensor(name, make()))
+                continue
+            tensor = returned.unchanging.get(name)
+            if tensor is None:
+                tensor = returned.unchanging[name] = pb_utils.Tensor(name, make())
+            tensors.append(tensor)
+        return pb_utils.InferenceResponse(output_tensors=tensors)
 
 
 def _first_row(array):
