@@ -4,8 +4,9 @@ Callers add requests, then call :meth:`Engine.step` while :meth:`Engine.has_work
 cancelled and expired requests leave; queued requests join while KV cache slots are free; then
 ONE forward pass runs every running sequence's next token together with prefill chunks of newly
 joined ones, under a budget of `max_num_tokens` tokens per step (chunked prefill, so a long
-prompt never stalls the decoding of the others). With ``separate_prefill`` a step that can finish
-every admitted prompt runs them alone, and the decodes run in the next step. Each request keeps its own sampling state.
+prompt never stalls the decoding of the others); with ``separate_prefill``, a step that can finish
+every admitted prompt runs them alone and the decodes follow. Each request keeps its own sampling
+state.
 A request may ask for several sequences (num_return_sequences): its prompt is prefilled once, then
 its KV cache entries are copied into the other sequences' slots and each samples on its own.
 The engine is not thread-safe: callers serialise ``add_request``, ``cancel`` and ``step``.

@@ -160,7 +160,6 @@ class BatchPlan:
             cache.positions[seg.slot].index_copy_(0, kept_pos % capacity, kept_pos)
             cache.lengths[seg.slot] = seg.start_pos + seg.n_tokens
 
-
     def _plan_torch_decode(self, decode: list[int], slots: list[int], write_index: torch.Tensor) -> None:
         cache, capacity, device = self.cache, self.cache.capacity, self.decode_slots.device
         query_pos = self.decode_query_pos

@@ -277,10 +277,10 @@ void pf_decode_attention(const bf16 *qkv, int64_t row_stride, const bf16 *k_new,
  * W is stored blocked as [n / 16][k / 2][16][2] (see BlockedWeight in cpu_kernels.py): one 64-byte
  * load holds an input pair for 16 outputs, the operand VDPBF16PS multiplies by a broadcast pair of
  * x. A tile is LINEAR_BLOCKS blocks of 16 outputs by up to LINEAR_ROWS rows: 16 float32
- * accumulators, each broadcast feeding two blocks. Measured over SmolLM2's 30 layers of cold
- * weights on a 2-core EPYC (16 rows): 2x8 tiles 11.6 ms, 1x16 15.7 ms, 4x4 12.1 ms, oneDNN's
- * prepacked matmul 14.8 ms; with 1 row 5.3 ms against oneDNN's 10.8 ms. Products are exact and
- * sums float32 in input order, rounded once to bfloat16. */
+ * accumulators, each broadcast feeding two blocks. On 30 layers of SmolLM2-sized random weights
+ * (cold, 16 rows, a 2-core EPYC), 2x8 tiles took 11.6 ms, 1x16 15.7 ms, 4x4 12.1 ms and oneDNN's
+ * prepacked matmul 14.8 ms; bench/cpu_linear.py compares the chosen tiles with oneDNN on the
+ * demo model. Products are exact and sums float32 in input order, rounded once to bfloat16. */
 enum { LINEAR_BLOCKS = 2, LINEAR_ROWS = 8 };
 
 static inline __attribute__((always_inline)) void linear_tile(const bf16 *x, int64_t x_stride, const bf16 *w,

@@ -35,6 +35,8 @@ SCHEDULER_POLICIES = ("guaranteed_no_evict", "max_utilization")
 # through the ensemble are stopped at once by a `stop` request; direct clients' disconnections are
 # noticed within this delay.
 DISCONNECT_POLL_S = 0.05
+# Outputs with the same value in every response of a sequence (finish_reason too, while empty).
+_UNCHANGING_OUTPUTS = frozenset({"num_input_tokens", "engine_request_id", "sequence_index"})
 # While the engine is busy, the metrics every step changes are sent at most this often.
 METRICS_INTERVAL_S = 0.1
 
@@ -371,22 +373,19 @@ class TritonPythonModel:
             "engine_request_id": lambda: np.array([[request.key.encode()]], dtype=object),
             "sequence_index": lambda: ints([output.sequence_index], (1, 1)),
         }
-        wanted = request.outputs or outputs.keys()
-        unchanging = {"num_input_tokens", "engine_request_id", "sequence_index"}
-        if not output.finish_reason:
-            unchanging.add("finish_reason")
-        tensors = []
-        for name, make in outputs.items():
-            if name not in wanted:
-                continue
+        unchanging = _UNCHANGING_OUTPUTS if output.finish_reason else _UNCHANGING_OUTPUTS | {"finish_reason"}
+
+        def tensor(name, make):
             if name not in unchanging:
-                tensors.append(pb_utils.Tensor(name, make()))
-                continue
-            tensor = returned.unchanging.get(name)
-            if tensor is None:
-                tensor = returned.unchanging[name] = pb_utils.Tensor(name, make())
-            tensors.append(tensor)
-        return pb_utils.InferenceResponse(output_tensors=tensors)
+                return pb_utils.Tensor(name, make())
+            if name not in returned.unchanging:
+                returned.unchanging[name] = pb_utils.Tensor(name, make())
+            return returned.unchanging[name]
+
+        wanted = request.outputs or outputs.keys()
+        return pb_utils.InferenceResponse(
+            output_tensors=[tensor(name, make) for name, make in outputs.items() if name in wanted]
+        )
 
 
 def _first_row(array):
