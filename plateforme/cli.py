@@ -186,7 +186,9 @@ def _serve_until_signal(server, on_ready=None, once: bool = False) -> int:
     def interrupt(signum, frame):
         raise KeyboardInterrupt
 
-    previous = signal.signal(signal.SIGTERM, interrupt)
+    # SIGINT too, explicitly: a shell starts background jobs with SIGINT ignored, and Python then
+    # leaves it ignored, so `kill -INT` would not stop a server started with `&`.
+    previous = {sig: signal.signal(sig, interrupt) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
         server.start()
         print(f"Triton is serving: HTTP {server.http_url}, gRPC {server.grpc_url}, metrics {server.metrics_url}",
@@ -208,8 +210,8 @@ def _serve_until_signal(server, on_ready=None, once: bool = False) -> int:
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
         print("Shutting down tritonserver...", flush=True)
         server.stop()
-        signal.signal(signal.SIGINT, signal.default_int_handler)
-        signal.signal(signal.SIGTERM, previous)
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
 
 
 def cmd_serve(args) -> int:

@@ -96,6 +96,8 @@ def test_serve_stops_cleanly_on_signal(tmp_path, tiny_mistral_dir, sig):
         [sys.executable, "-m", "plateforme", "serve", "--model-repository", str(repo), "--http-port", str(http_port),
          "--grpc-port", str(free_port()), "--metrics-port", str(free_port())],
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        # As a shell starts a background job (`plateforme serve &`): SIGINT ignored on entry.
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN),
     )
     try:
         deadline = time.monotonic() + 180
