@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 
 from plateforme.python_backend.model import Segment, load_model
-from plateforme.python_backend.model.batch import decode_attention
+from plateforme.python_backend.model.batch import BatchPlan, decode_attention
 
 
 @pytest.fixture(scope="module", params=["tiny_mistral_dir", "tiny_mixtral_dir"])
@@ -58,6 +58,24 @@ def test_sliding_window_cache_is_bounded_by_the_window(tiny_mistral_dir):
     cache = model.new_slot_cache(2, 256)
     assert cache.capacity == model.args.sliding_window == 16
     assert cache.kv.shape[-2] == 16
+
+
+def test_kernel_plan_takes_prompt_tokens_only_where_their_entries_are_fresh(tiny_mistral_dir):
+    model = load_model(tiny_mistral_dir, dtype=torch.float32)
+    cache = model.new_slot_cache(3, 64)  # window 16: a rolling buffer of 16 entries
+    slots = [cache.allocate() for _ in range(3)]
+    segments = [Segment(slots[0], 0, 7), Segment(slots[1], 0, 30), Segment(slots[2], 0, 10)]
+    plan = BatchPlan(segments, cache, torch.device("cpu"), kernel_attention=True)
+    # 7 and 10 tokens fit the buffer; 30 wrap it and go through SDPA.
+    assert plan.kernel_rows.tolist() == [*range(7), *range(37, 47)]
+    assert plan.kernel_query_pos.tolist() == [*range(7), *range(10)]
+    assert [index for index, *_ in plan.prefill] == [1]
+    assert cache.positions[slots[2], :10].tolist() == list(range(10))
+    # Next step: a decode, and a chunk that would wrap the buffer (10 + 8 > 16).
+    plan = BatchPlan([Segment(slots[0], 7, 1), Segment(slots[2], 10, 8)], cache, torch.device("cpu"),
+                     kernel_attention=True)
+    assert plan.kernel_rows.tolist() == [0] and plan.kernel_query_pos.tolist() == [7]
+    assert [index for index, *_ in plan.prefill] == [1]
 
 
 def test_released_slot_is_reused_cleanly(model):

@@ -100,11 +100,14 @@ class BatchPlan:
     Built once per step (the masks are the same for every layer) before any key is written.
     """
 
-    def __init__(self, segments: list[Segment], cache: SlotKVCache, device: torch.device, torch_decode: bool = True):
-        """``torch_decode``: also build what the torch decode attention needs (flat KV rows, the score
-        bias, zeroed never-written entries); the CPU kernels' decode attention needs none of it."""
+    def __init__(self, segments: list[Segment], cache: SlotKVCache, device: torch.device,
+                 kernel_attention: bool = False):
+        """``kernel_attention``: the CPU kernels attend the decode tokens, and the prompt tokens whose
+        cache entries are fresh (the slot's buffer has not wrapped: no token overwrites an entry
+        another one sees), all in one call: ``kernel_rows`` / ``kernel_slots`` / ``kernel_query_pos``.
+        Otherwise the plan holds what the torch decode attention needs (flat KV rows, the score
+        bias, zeroed never-written entries) and every prompt chunk goes through SDPA."""
         self.segments = segments
-        self.torch_decode = torch_decode
         self.cache = cache
         window = cache.window
         capacity = cache.capacity
@@ -121,6 +124,7 @@ class BatchPlan:
 
         decode = [i for i, s in enumerate(segments) if s.n_tokens == 1 and s.start_pos > 0]
         self.decode = decode
+        kernel_tokens: list[tuple[int, int, int]] = []  # (row, slot, position)
         if decode:
             # Advanced indexing (x[idx], x[idx] = y) goes through TensorIterator and its thread pool:
             # with every core busy, each such op waits for a scheduler slice (~ms). index_select and
@@ -133,7 +137,9 @@ class BatchPlan:
             write_index = query_pos % capacity
             # Record the new positions first: each decode query also attends to its own key.
             cache.positions.view(-1).index_copy_(0, self.decode_slots * capacity + write_index, query_pos)
-            if torch_decode:
+            if kernel_attention:
+                kernel_tokens += [(offsets[i], segments[i].slot, segments[i].start_pos) for i in decode]
+            else:
                 self._plan_torch_decode(decode, slots, write_index)
             for i in decode:
                 cache.lengths[segments[i].slot] = segments[i].start_pos + 1
@@ -146,6 +152,12 @@ class BatchPlan:
                 raise ValueError(
                     f"slot {seg.slot} holds {cache.lengths[seg.slot]} positions; cannot continue at {seg.start_pos}"
                 )
+            end = seg.start_pos + seg.n_tokens
+            if kernel_attention and end <= capacity:  # fresh entries: position p in entry p
+                cache.positions[seg.slot, seg.start_pos : end] = torch.arange(seg.start_pos, end, device=device)
+                kernel_tokens += [(offsets[i] + j, seg.slot, seg.start_pos + j) for j in range(seg.n_tokens)]
+                cache.lengths[seg.slot] = end
+                continue
             cached = min(seg.start_pos, capacity)
             key_pos = torch.cat([cache.positions[seg.slot, :cached],
                                  torch.arange(seg.start_pos, seg.start_pos + seg.n_tokens, device=device)])
@@ -159,6 +171,12 @@ class BatchPlan:
             self.prefill.append((i, cached, mask, seg.n_tokens - keep, kept_pos % capacity))
             cache.positions[seg.slot].index_copy_(0, kept_pos % capacity, kept_pos)
             cache.lengths[seg.slot] = seg.start_pos + seg.n_tokens
+        self.kernel_rows = self.kernel_slots = self.kernel_query_pos = None
+        if kernel_tokens:
+            rows, slots, query_pos = zip(*kernel_tokens)
+            self.kernel_rows = torch.tensor(rows, device=device)
+            self.kernel_slots = torch.tensor(slots, device=device)
+            self.kernel_query_pos = torch.tensor(query_pos, device=device)
 
     def _plan_torch_decode(self, decode: list[int], slots: list[int], write_index: torch.Tensor) -> None:
         cache, capacity, device = self.cache, self.cache.capacity, self.decode_slots.device
@@ -212,18 +230,19 @@ def batched_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: B
                       fused: tuple[CpuKernels, torch.Tensor] | None = None) -> torch.Tensor:
     """Attention output [N, n_heads, head_dim] for rotated q [N, H, D], k and v [N, KV, D]; writes k, v.
 
-    ``fused``: the CPU kernels and the [N, (H + 2 KV) * D] rows q, k and v are views of; the decode
-    tokens then go through the kernels' decode attention."""
+    ``fused``: the CPU kernels and the [N, (H + 2 KV) * D] rows q, k and v are views of, for a plan
+    built with ``kernel_attention``: its kernel tokens (decode tokens, prompt tokens in fresh entries)
+    then go through the kernels' attention, the other prompt chunks through SDPA."""
     cache = plan.cache
     out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
-    if plan.decode and fused is not None:
+    if plan.kernel_rows is not None:
+        if fused is None:
+            raise RuntimeError("this step's plan was built for the CPU kernels' attention")
         kernels, qkv = fused
-        kernels.decode_attention(qkv, q.shape[1], k.shape[1], q.shape[2], plan.decode_rows, cache.kv[layer, 0],
-                                 cache.kv[layer, 1], cache.positions, plan.decode_slots, plan.decode_query_pos,
+        kernels.decode_attention(qkv, q.shape[1], k.shape[1], q.shape[2], plan.kernel_rows, cache.kv[layer, 0],
+                                 cache.kv[layer, 1], cache.positions, plan.kernel_slots, plan.kernel_query_pos,
                                  cache.window, out)
     elif plan.decode:
-        if not plan.torch_decode:
-            raise RuntimeError("this step's plan was built for the CPU kernels' decode attention")
         rows, slots, n_decode = plan.decode_rows, plan.decode_slots, len(plan.decode)
         head_dim = k.shape[-1]
         for kind, new in ((0, k), (1, v)):

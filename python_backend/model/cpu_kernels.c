@@ -220,10 +220,12 @@ static void attend_group_portable(const bf16 *queries, int64_t group, const bf16
     }
 }
 
-/* The decode tokens of a step. Token t sits in row rows[t] of qkv (row_stride apart; its query heads at
- * the row's start, its new key and value heads at k_new / v_new + row offset). Its key and value go to its
- * slot's cache entry query_pos % capacity, then it attends over the slot's visible entries; the output
- * goes to the same row of out [rows, n_heads * head_dim]. Caches are one layer's
+/* Tokens of a step, each attending with one query row: decode tokens, and prompt tokens whose entries
+ * are fresh (no token of the step overwrites an entry another one sees). Token t sits in row rows[t] of
+ * qkv (row_stride apart; its query heads at the row's start, its new key and value heads at k_new /
+ * v_new + row offset). Every token's key and value first go to its slot's cache entry
+ * query_pos % capacity; then each attends over its slot's visible entries, and its output goes to the
+ * same row of out [rows, n_heads * head_dim]. Caches are one layer's
  * [n_slots, n_kv_heads, capacity, head_dim]; positions [n_slots, capacity] holds each entry's absolute
  * position (-1 empty), already updated for this step. An entry is visible when 0 <= position <= query
  * position and, with a window, position > query position - window; entries not visible are never read.
@@ -235,6 +237,14 @@ void pf_decode_attention(const bf16 *qkv, int64_t row_stride, const bf16 *k_new,
                          int64_t n_kv_heads, int64_t head_dim, int64_t capacity, int64_t window, float scale,
                          bf16 *out, int64_t n_threads, float *scratch) {
     int64_t group = n_heads / n_kv_heads;
+    /* All writes before any read: a prompt's tokens see each other's keys. */
+    for (int64_t item = 0; item < n_tokens * n_kv_heads; item++) {
+        int64_t t = item / n_kv_heads, kv = item % n_kv_heads;
+        int64_t cache_row = (slots[t] * n_kv_heads + kv) * capacity + query_pos[t] % capacity;
+        int64_t new_row = rows[t] * row_stride + kv * head_dim;
+        memcpy(k_cache + cache_row * head_dim, k_new + new_row, head_dim * sizeof(bf16));
+        memcpy(v_cache + cache_row * head_dim, v_new + new_row, head_dim * sizeof(bf16));
+    }
     /* Interleaved, so that long and short sequences spread over the threads. */
 #pragma omp parallel for num_threads(n_threads) schedule(static, 1)
     for (int64_t item = 0; item < n_tokens * n_kv_heads; item++) {
@@ -246,7 +256,7 @@ void pf_decode_attention(const bf16 *qkv, int64_t row_stride, const bf16 *k_new,
         float *scores = scratch + thread * (group + 1) * capacity;
         int32_t *visible = (int32_t *)(scores + group * capacity);
         int64_t t = item / n_kv_heads, kv = item % n_kv_heads;
-        int64_t slot = slots[t], pos = query_pos[t], entry = pos % capacity, row = rows[t];
+        int64_t slot = slots[t], pos = query_pos[t], row = rows[t];
         const int64_t *slot_pos = positions + slot * capacity;
         int64_t n_visible = 0;
         /* Until a slot's buffer wraps, entry l holds position l: later entries are empty. */
@@ -255,10 +265,8 @@ void pf_decode_attention(const bf16 *qkv, int64_t row_stride, const bf16 *k_new,
             int64_t p = slot_pos[l];
             if (p >= 0 && p <= pos && (window <= 0 || p > pos - window)) visible[n_visible++] = (int32_t)l;
         }
-        bf16 *keys = k_cache + (slot * n_kv_heads + kv) * capacity * head_dim;
-        bf16 *values = v_cache + (slot * n_kv_heads + kv) * capacity * head_dim;
-        memcpy(keys + entry * head_dim, k_new + row * row_stride + kv * head_dim, head_dim * sizeof(bf16));
-        memcpy(values + entry * head_dim, v_new + row * row_stride + kv * head_dim, head_dim * sizeof(bf16));
+        const bf16 *keys = k_cache + (slot * n_kv_heads + kv) * capacity * head_dim;
+        const bf16 *values = v_cache + (slot * n_kv_heads + kv) * capacity * head_dim;
         const bf16 *queries = qkv + row * row_stride + kv * group * head_dim;
         bf16 *o = out + row * n_heads * head_dim + kv * group * head_dim;
 #ifdef FAST_HEAD_DIM

@@ -146,8 +146,9 @@ class CpuKernels:
     def decode_attention(self, qkv: torch.Tensor, n_heads: int, n_kv_heads: int, head_dim: int, rows: torch.Tensor,
                          keys: torch.Tensor, values: torch.Tensor, positions: torch.Tensor, slots: torch.Tensor,
                          query_pos: torch.Tensor, window: int | None, out: torch.Tensor) -> None:
-        """Writes the decode tokens' keys and values (rows ``rows`` of ``qkv`` [N, (H + 2 KV) * D]) to one
-        layer's ``keys``/``values`` [n_slots, KV, capacity, D] and their attention output to ``out`` [N, H * D]."""
+        """Writes the keys and values of the tokens in rows ``rows`` of ``qkv`` [N, (H + 2 KV) * D] (decode
+        tokens, prompt tokens in fresh entries) to one layer's ``keys``/``values`` [n_slots, KV, capacity, D],
+        then their attention output to ``out`` [N, H * D]."""
         capacity, threads = keys.shape[2], torch.get_num_threads()
         scratch = torch.empty(threads * (n_heads // n_kv_heads + 1) * capacity, dtype=torch.float32)
         base, item_bytes = qkv.data_ptr(), qkv.element_size()

@@ -163,7 +163,7 @@ class Transformer(nn.Module):
         kernels = self.cpu_kernels
         if kernels is not None and not all(layer.attention.fused_weight_current() for layer in self.layers):
             kernels = None
-        plan = BatchPlan(segments, cache, tokens.device, torch_decode=kernels is None)
+        plan = BatchPlan(segments, cache, tokens.device, kernel_attention=kernels is not None)
         if plan.n_tokens != tokens.shape[0]:
             raise ValueError(f"segments cover {plan.n_tokens} tokens, got {tokens.shape[0]}")
         h = self.tok_embeddings(tokens)
