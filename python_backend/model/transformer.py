@@ -57,8 +57,13 @@ class FeedForward(nn.Module):
             self.packed["w13"] = repack(self.w13)
         self.packed["w2"] = repack(self.w2.weight)
 
+    def fused_weight_current(self) -> bool:
+        """Whether the fused gate/up weight serves: only while w1 still points into it (as
+        Attention.fused_weight_current)."""
+        return self.w13 is not None and self.w13.data_ptr() == self.w1.weight.data_ptr()
+
     def forward(self, x: torch.Tensor, kernels: CpuKernels | None = None) -> torch.Tensor:
-        if self.w13 is not None and self.w13.data_ptr() == self.w1.weight.data_ptr():
+        if self.fused_weight_current():
             gate_up = linear(x, self.w13, self.packed.get("w13"))
             if kernels is not None:
                 hidden = kernels.silu_mul(gate_up)
