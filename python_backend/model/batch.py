@@ -131,7 +131,6 @@ class BatchPlan:
             # index_copy_ on flattened views do the same work serially, so all of them are used here.
             slots = [segments[i].slot for i in decode]
             query_pos = torch.tensor([segments[i].start_pos for i in decode], device=device)
-            self.decode_rows = torch.tensor([offsets[i] for i in decode], device=device)
             self.decode_slots = torch.tensor(slots, device=device)
             self.decode_query_pos = query_pos
             write_index = query_pos % capacity
@@ -140,7 +139,7 @@ class BatchPlan:
             if kernel_attention:
                 kernel_tokens += [(offsets[i], segments[i].slot, segments[i].start_pos) for i in decode]
             else:
-                self._plan_torch_decode(decode, slots, write_index)
+                self._plan_torch_decode(decode, [offsets[i] for i in decode], slots, write_index)
             for i in decode:
                 cache.lengths[segments[i].slot] = segments[i].start_pos + 1
 
@@ -178,9 +177,11 @@ class BatchPlan:
             self.kernel_slots = torch.tensor(slots, device=device)
             self.kernel_query_pos = torch.tensor(query_pos, device=device)
 
-    def _plan_torch_decode(self, decode: list[int], slots: list[int], write_index: torch.Tensor) -> None:
+    def _plan_torch_decode(self, decode: list[int], rows: list[int], slots: list[int],
+                           write_index: torch.Tensor) -> None:
         cache, capacity, device = self.cache, self.cache.capacity, self.decode_slots.device
         query_pos = self.decode_query_pos
+        self.decode_rows = torch.tensor(rows, device=device)
         self.slot_range = max(slots) + 1
         self.decode_len = min(capacity, int(query_pos.max()) + 1)
         # Rows of a layer's key (or value) cache viewed as [n_slots * n_kv_heads * capacity, head_dim]
