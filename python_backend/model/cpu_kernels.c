@@ -1,9 +1,10 @@
-/* Fused bfloat16 CPU kernels for the batched decode step (see cpu_kernels.py).
+/* Fused bfloat16 CPU kernels for the batched step (see cpu_kernels.py).
  *
  * A decode step of a small model on a few cores is dominated by the number of operations, not
  * their size: each torch op costs microseconds of dispatch for a few thousand elements. These
  * kernels do in one call what takes the eager model 5-15 ops (RMSNorm, residual add + RMSNorm,
- * rotary, SwiGLU, and the decode tokens' cache write + attention). Elementwise results are
+ * rotary, SwiGLU, and the cache write + attention of decode tokens and of prompt tokens in fresh
+ * entries); where the CPU has AVX512-BF16 the linear layers run here too (pf_linear). Elementwise results are
  * rounded to bfloat16 exactly where the torch ops round them, so they match the eager path up to
  * the order of float32 sums; attention keeps its scores and probabilities in float32, as the
  * flash kernels do. Work is split over OpenMP threads (decode attention by token and KV head, the

@@ -1,4 +1,5 @@
-"""Fused bfloat16 CPU kernels for the batched decode step (cpu_kernels.c), loaded through ctypes.
+"""Fused bfloat16 CPU kernels for the batched step, and its linear layers where the CPU has AVX512-BF16
+(cpu_kernels.c), loaded through ctypes.
 
 The C source is compiled once per machine with the system C compiler (``cc``, for this CPU) into
 plateforme's cache and loaded from there afterwards. Without a compiler, or with
