@@ -193,6 +193,64 @@ def test_a_layer_without_its_fused_weight_sends_the_model_down_the_torch_path(ke
     assert torch.equal(outs[0], outs[1]) and outs[0].isfinite().all()
 
 
+def _decode_steps(model, prompts, steps, use_stack: bool):
+    """Logits of each step: the prompts prefilled in fresh entries, then greedy decode steps, a new
+    prompt joining at step 2; through the decoder stack or the per-layer kernel calls."""
+    stack = model.decoder_stack
+    model.decoder_stack = stack if use_stack else None
+    try:
+        cache = model.new_slot_cache(len(prompts) + 1, 256)
+        cache.kv.fill_(float("nan"))
+        slots = [cache.allocate() for _ in range(len(prompts) + 1)]
+        sequences = [list(p) for p in prompts]
+        segments = [Segment(slot, 0, len(p)) for slot, p in zip(slots, prompts)]
+        tokens, outs = [t for p in prompts for t in p], []
+        for n in range(steps):
+            outs.append(model.forward_batch(torch.tensor(tokens), segments, cache))
+            for sequence, token in zip(sequences, outs[-1].argmax(-1).tolist()):
+                sequence.append(token)
+            segments = [Segment(slot, len(s) - 1, 1) for slot, s in zip(slots, sequences)]
+            tokens = [s[-1] for s in sequences]
+            if n == 1:
+                sequences.append(prompts[0][:5])
+                segments.append(Segment(slots[-1], 0, 5))
+                tokens += prompts[0][:5]
+        return outs
+    finally:
+        model.decoder_stack = stack
+
+
+def test_decoder_stack_gives_the_per_layer_kernels_logits_bit_for_bit(linear_kernels, tiny_mistral_dir):
+    """One kernel call for all layers runs the same kernels in the same order as the per-layer calls."""
+    model = load_model(tiny_mistral_dir, dtype=BF16)
+    assert model.decoder_stack is not None
+    prompts = [list(range(5, 14)), [40, 41, 42]]  # within the window: every token is a kernel token
+    with torch.inference_mode():
+        stacked = _decode_steps(model, prompts, 6, use_stack=True)
+        per_layer = _decode_steps(model, prompts, 6, use_stack=False)
+    assert all(torch.equal(a, b) for a, b in zip(stacked, per_layer))
+    assert all(out.isfinite().all() for out in stacked)
+
+
+@pytest.mark.parametrize("replaced", ["ffn_norm", "wo"])
+def test_a_replaced_weight_takes_the_model_off_the_decoder_stack(linear_kernels, tiny_mistral_dir, replaced):
+    """The stack reads the weights it was built from: once a layer's norm or linear weight is replaced,
+    steps run the per-layer calls, which read the new one."""
+    models = [load_model(tiny_mistral_dir, dtype=BF16) for _ in range(2)]
+    for model in models:
+        layer = model.layers[1]
+        if replaced == "ffn_norm":
+            layer.ffn_norm.weight = torch.nn.Parameter(layer.ffn_norm.weight.detach() * 3, requires_grad=False)
+        else:
+            layer.attention.wo.weight.data = layer.attention.wo.weight.data.flip(0).contiguous()
+    prompts = [list(range(5, 14))]
+    with torch.inference_mode():
+        assert not models[0].decoder_stack.current()
+        stacked = _decode_steps(models[0], prompts, 3, use_stack=True)
+        per_layer = _decode_steps(models[1], prompts, 3, use_stack=False)
+    assert all(torch.equal(a, b) for a, b in zip(stacked, per_layer))
+
+
 def test_switched_off_the_model_runs_its_torch_ops(monkeypatch, tiny_mistral_dir):
     monkeypatch.setenv("PLATEFORME_CPU_KERNELS", "0")
     cpu_kernels.load.cache_clear()

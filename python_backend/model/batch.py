@@ -171,6 +171,8 @@ class BatchPlan:
             cache.positions[seg.slot].index_copy_(0, kept_pos % capacity, kept_pos)
             cache.lengths[seg.slot] = seg.start_pos + seg.n_tokens
         self.kernel_rows = self.kernel_slots = self.kernel_query_pos = None
+        # Every token goes through the kernels' attention (none through SDPA).
+        self.all_kernel_tokens = len(kernel_tokens) == total > 0
         if kernel_tokens:
             rows, slots, query_pos = zip(*kernel_tokens)
             self.kernel_rows = torch.tensor(rows, device=device)

@@ -341,3 +341,46 @@ void pf_linear(const bf16 *x, int64_t x_stride, int64_t rows, int64_t k, const b
     }
 }
 #endif
+
+#if defined(__AVX512F__) && defined(__AVX512BF16__)
+/* ---- A whole stack of dense decoder layers in one call ------------------------------------------
+ *
+ * The per-op path calls the kernels above 9 times a layer from Python: at 30 layers that is about
+ * 4 ms of interpreter and ctypes time a step, against 18 ms in the kernels at 16 sequences. Here the
+ * same kernels run in the same order on the same buffers, so results are identical. */
+typedef struct {
+    const bf16 *wqkv, *wo, *w13, *w2; /* blocked (BlockedWeight) */
+    const bf16 *ffn_norm, *next_norm; /* next_norm: the next layer's attention norm, or the final one */
+    float ffn_eps, next_eps;
+} pf_layer;
+
+/* h [n, dim]: the residual stream, updated in place; normed [n, dim]: the first layer's attention norm
+ * of h on entry, next_norm(h) of the last layer on return. Every token is a kernel token
+ * (pf_decode_attention's rows / slots / query_pos). kv: the cache [layers][2][slots][KV][capacity][D].
+ * work: n * (qkv + heads + dim + 3 * hidden) bf16 values; scratch as for pf_decode_attention. */
+void pf_decoder_stack(const pf_layer *layers, int64_t n_layers, int64_t n, int64_t dim, int64_t n_heads,
+                      int64_t n_kv_heads, int64_t head_dim, int64_t hidden, bf16 *h, bf16 *normed, const bf16 *cos,
+                      const bf16 *sin, bf16 *kv, const int64_t *positions, const int64_t *rows,
+                      const int64_t *slots, const int64_t *query_pos, int64_t n_slots, int64_t capacity,
+                      int64_t window, float scale, bf16 *work, float *scratch, int64_t n_threads) {
+    int64_t qkv_width = (n_heads + 2 * n_kv_heads) * head_dim, heads_width = n_heads * head_dim;
+    int64_t cache_kind = n_slots * n_kv_heads * capacity * head_dim;
+    bf16 *qkv = work, *attended = qkv + n * qkv_width, *delta = attended + n * heads_width;
+    bf16 *gate_up = delta + n * dim, *act = gate_up + n * 2 * hidden;
+    for (int64_t i = 0; i < n_layers; i++) {
+        const pf_layer *layer = layers + i;
+        bf16 *keys = kv + 2 * i * cache_kind, *values = keys + cache_kind;
+        pf_linear(normed, dim, n, dim, layer->wqkv, qkv_width, qkv, n_threads);
+        pf_rotary(qkv, qkv_width, n, n_heads + n_kv_heads, head_dim, cos, sin);
+        pf_decode_attention(qkv, qkv_width, qkv + heads_width, qkv + heads_width + n_kv_heads * head_dim, rows, keys,
+                            values, positions, slots, query_pos, n, n_heads, n_kv_heads, head_dim, capacity, window,
+                            scale, attended, n_threads, scratch);
+        pf_linear(attended, heads_width, n, heads_width, layer->wo, dim, delta, n_threads);
+        pf_add_rms_norm(h, delta, layer->ffn_norm, normed, n, dim, layer->ffn_eps, n_threads);
+        pf_linear(normed, dim, n, dim, layer->w13, 2 * hidden, gate_up, n_threads);
+        pf_silu_mul(gate_up, act, n, hidden, n_threads);
+        pf_linear(act, hidden, n, hidden, layer->w2, dim, delta, n_threads);
+        pf_add_rms_norm(h, delta, layer->next_norm, normed, n, dim, layer->next_eps, n_threads);
+    }
+}
+#endif

@@ -1,5 +1,6 @@
 """Fused bfloat16 CPU kernels for the batched step, and its linear layers where the CPU has AVX512-BF16
-(cpu_kernels.c), loaded through ctypes.
+(cpu_kernels.c), loaded through ctypes. There, a whole stack of dense layers also runs in one call
+(DecoderStack).
 
 The C source is compiled once per machine with the system C compiler (``cc``, for this CPU) into
 plateforme's cache and loaded from there afterwards. Without a compiler, or with
@@ -14,6 +15,7 @@ import os
 import shutil
 import subprocess
 import tempfile
+from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
 
@@ -39,6 +41,7 @@ _SIGNATURES = {
 }
 # Built only where the CPU has AVX512-BF16; elsewhere the linear layers stay with oneDNN or torch.
 _LINEAR_SIGNATURE = ("pf_linear", [_ptr, _i64, _i64, _i64, _ptr, _i64, _ptr, _i64])
+_STACK_SIGNATURE = ("pf_decoder_stack", [_ptr, *[_i64] * 7, *[_ptr] * 9, *[_i64] * 3, _f32, _ptr, _ptr, _i64])
 # Output blocks of 16, taken two at a time (cpu_kernels.c), and input pairs.
 LINEAR_OUT_MULTIPLE, LINEAR_IN_MULTIPLE = 32, 2
 
@@ -93,6 +96,74 @@ class BlockedWeight(RepackedWeight):
         return out
 
 
+class _Layer(ctypes.Structure):
+    """pf_layer in cpu_kernels.c."""
+
+    _fields_ = [("wqkv", _ptr), ("wo", _ptr), ("w13", _ptr), ("w2", _ptr), ("ffn_norm", _ptr), ("next_norm", _ptr),
+                ("ffn_eps", _f32), ("next_eps", _f32)]
+
+
+@dataclass
+class StackLayer:
+    """What pf_decoder_stack takes of one dense decoder layer."""
+
+    wqkv: BlockedWeight
+    wo: BlockedWeight
+    w13: BlockedWeight
+    w2: BlockedWeight
+    ffn_norm: torch.Tensor
+    ffn_eps: float
+    next_norm: torch.Tensor  # the next layer's attention norm weight, or the final norm's
+    next_eps: float
+
+
+class DecoderStack:
+    """Dense decoder layers run by one pf_decoder_stack call a step, instead of nine kernel calls a
+    layer from Python. It reads the weights it was built from: ``watched`` names where the model
+    holds each of them, (a module's parameter dict or __dict__, key), and ``current`` tells whether
+    they are all still there."""
+
+    def __init__(self, function, layers: list[StackLayer], n_heads: int, n_kv_heads: int, head_dim: int,
+                 watched: list[tuple[dict, str]]):
+        self._function = function
+        self.layers = layers
+        self.n_heads, self.n_kv_heads, self.head_dim = n_heads, n_kv_heads, head_dim
+        self.dim = layers[0].wqkv.in_features
+        self.hidden = layers[0].w2.in_features
+        self._structs = (_Layer * len(layers))(*[
+            _Layer(l.wqkv.blocked.data_ptr(), l.wo.blocked.data_ptr(), l.w13.blocked.data_ptr(), l.w2.blocked.data_ptr(),
+                   l.ffn_norm.data_ptr(), l.next_norm.data_ptr(), l.ffn_eps, l.next_eps)
+            for l in layers
+        ])
+        self._watched = watched
+        self._pointers = self._current_pointers()
+
+    def _current_pointers(self) -> list[int]:
+        return [holder[key].data_ptr() for holder, key in self._watched]
+
+    def current(self) -> bool:
+        """Whether the model still holds the weights the stack was built from (a reload or a
+        replaced weight takes the model back to its per-layer path). About 0.1 µs a weight."""
+        return self._current_pointers() == self._pointers
+
+    def __call__(self, h: torch.Tensor, normed: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                 kv: torch.Tensor, positions: torch.Tensor, rows: torch.Tensor, slots: torch.Tensor,
+                 query_pos: torch.Tensor, window: int | None) -> None:
+        """Every layer on ``h`` [N, dim] (updated in place) and ``normed`` (the first attention norm of h
+        on entry, the final norm's output on return); every token is a kernel token (BatchPlan)."""
+        n = h.shape[0]
+        qkv_width = (self.n_heads + 2 * self.n_kv_heads) * self.head_dim
+        work = h.new_empty(n * (qkv_width + self.n_heads * self.head_dim + self.dim + 3 * self.hidden))
+        threads, capacity = torch.get_num_threads(), kv.shape[4]
+        scratch = torch.empty(threads * (self.n_heads // self.n_kv_heads + 1) * capacity, dtype=torch.float32)
+        self._function(
+            ctypes.addressof(self._structs), len(self.layers), n, self.dim, self.n_heads, self.n_kv_heads,
+            self.head_dim, self.hidden, h.data_ptr(), normed.data_ptr(), cos.data_ptr(), sin.data_ptr(),
+            kv.data_ptr(), positions.data_ptr(), rows.data_ptr(), slots.data_ptr(), query_pos.data_ptr(),
+            kv.shape[2], capacity, window or 0, self.head_dim**-0.5, work.data_ptr(), scratch.data_ptr(), threads,
+        )
+
+
 class CpuKernels:
     """The library's functions on torch tensors (bfloat16, contiguous rows, CPU)."""
 
@@ -105,6 +176,10 @@ class CpuKernels:
         self._linear = getattr(library, name, None)
         if self._linear is not None:
             self._linear.argtypes, self._linear.restype = argtypes, None
+        name, argtypes = _STACK_SIGNATURE
+        self._stack = getattr(library, name, None)
+        if self._stack is not None:
+            self._stack.argtypes, self._stack.restype = argtypes, None
 
     @property
     def has_linear(self) -> bool:
@@ -120,6 +195,13 @@ class CpuKernels:
         if out_features % LINEAR_OUT_MULTIPLE or in_features % LINEAR_IN_MULTIPLE:
             return None
         return BlockedWeight(weight, self._linear)
+
+    def decoder_stack(self, layers: list[StackLayer], n_heads: int, n_kv_heads: int, head_dim: int,
+                      watched: list[tuple[dict, str]]) -> DecoderStack | None:
+        """The layers as one DecoderStack (see there); None where the library has no linear kernel."""
+        if self._stack is None or not layers:
+            return None
+        return DecoderStack(self._stack, layers, n_heads, n_kv_heads, head_dim, watched)
 
     def rms_norm(self, x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
         out = torch.empty_like(x)

@@ -12,7 +12,7 @@ from .attention import Attention, attention_mask, key_start
 from .batch import BatchPlan, Segment, SlotKVCache
 from . import cpu_kernels
 from .cache import KVCache
-from .cpu_kernels import CpuKernels
+from .cpu_kernels import BlockedWeight, CpuKernels, DecoderStack, StackLayer
 from .moe import MoeLayer
 from .packing import PackedWeight, RepackedWeight, linear, packing_available
 from .rope import rope_cos_sin
@@ -135,6 +135,7 @@ class Transformer(nn.Module):
         self.output = nn.Linear(args.dim, args.vocab_size, bias=False)
         self.packed_output: RepackedWeight | None = None
         self.cpu_kernels: CpuKernels | None = None  # see use_cpu_kernels()
+        self.decoder_stack: DecoderStack | None = None  # see pack_weights()
 
     @property
     def dtype(self) -> torch.dtype:
@@ -164,9 +165,14 @@ class Transformer(nn.Module):
                     f"positions up to {seg.start_pos + seg.n_tokens - 1} exceed max_position_embeddings "
                     f"{self.args.max_position_embeddings}"
                 )
-        # The kernels need every layer's fused q/k/v weight (not the case after a reload, say).
+        # The kernels need every layer's fused q/k/v weight (not the case after a reload, say); the
+        # decoder stack checks that among the weights it watches.
         kernels = self.cpu_kernels
-        if kernels is not None and not all(layer.attention.fused_weight_current() for layer in self.layers):
+        stack = self.decoder_stack if kernels is not None else None
+        if stack is not None and not stack.current():
+            stack = None
+        if kernels is not None and stack is None and not all(layer.attention.fused_weight_current()
+                                                            for layer in self.layers):
             kernels = None
         plan = BatchPlan(segments, cache, tokens.device, kernel_attention=kernels is not None)
         if plan.n_tokens != tokens.shape[0]:
@@ -176,7 +182,11 @@ class Transformer(nn.Module):
         if kernels is not None:
             first_norm = self.layers[0].attention_norm
             normed = kernels.rms_norm(h, first_norm.weight, first_norm.eps)
-            next_norms = [layer.attention_norm for layer in self.layers[1:]] + [self.norm]
+            if stack is not None and plan.all_kernel_tokens:
+                stack(h, normed, cos, sin, cache.kv, cache.positions, plan.kernel_rows, plan.kernel_slots,
+                                   plan.kernel_query_pos, cache.window)
+                return self.logits(normed.index_select(0, plan.last_rows))
+            next_norms = self._next_norms()
             for i, (layer, next_norm) in enumerate(zip(self.layers, next_norms)):
                 normed = layer.forward_batch_fused(h, normed, cos, sin, plan, i, next_norm, kernels)
             return self.logits(normed.index_select(0, plan.last_rows))
@@ -209,7 +219,36 @@ class Transformer(nn.Module):
             if isinstance(layer.feed_forward, FeedForward):
                 layer.feed_forward.pack(repack)
         self.packed_output = repack(self.output.weight)
+        self.decoder_stack = self._build_decoder_stack()
         return True
+
+    def _next_norms(self) -> list[RMSNorm]:
+        """The norm each layer's output feeds: the next layer's attention norm, or the final norm."""
+        return [layer.attention_norm for layer in self.layers[1:]] + [self.norm]
+
+    def _build_decoder_stack(self) -> DecoderStack | None:
+        """All layers in one kernel call a step: where every layer is dense with fused weights, each
+        repacked for the linear kernel."""
+        kernels = self.cpu_kernels
+        dense = all(isinstance(layer.feed_forward, FeedForward) and layer.feed_forward.fused_weight_current()
+                    and layer.attention.fused_weight_current() for layer in self.layers)
+        if kernels is None or not dense:
+            return None
+        layers, watched = [], []
+        for layer, next_norm in zip(self.layers, self._next_norms()):
+            attention, ffn = layer.attention, layer.feed_forward
+            weights = [attention.packed.get("wqkv"), attention.packed.get("wo"), ffn.packed.get("w13"),
+                       ffn.packed.get("w2")]
+            if not all(isinstance(w, BlockedWeight) for w in weights):
+                return None
+            layers.append(StackLayer(*weights, layer.ffn_norm.weight, layer.ffn_norm.eps, next_norm.weight, next_norm.eps))
+            # Every tensor the stack reads, or that the fused ones must still back.
+            watched += [(attention.__dict__, "wqkv"), (ffn.__dict__, "w13")]
+            watched += [(module._parameters, "weight") for module in (
+                attention.wq, attention.wk, attention.wv, attention.wo, ffn.w1, ffn.w3, ffn.w2, layer.ffn_norm,
+                next_norm)]
+        attention = self.layers[0].attention
+        return kernels.decoder_stack(layers, attention.n_heads, attention.n_kv_heads, attention.head_dim, watched)
 
     def use_cpu_kernels(self) -> bool:
         """forward_batch through the fused CPU kernels (cpu_kernels.py) from now on: bfloat16 models
