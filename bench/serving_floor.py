@@ -23,13 +23,9 @@ import os
 import shutil
 import statistics
 import tempfile
-import time
-import uuid
 from pathlib import Path
 
-from tritonclient.grpc.aio import InferenceServerClient
-
-from inflight import ENDPOINT, P2_PROMPT, _input, engine_seconds_since, engine_step_seconds, pct
+from inflight import ENDPOINT, P2_PROMPT, pct, serving_overhead
 from plateforme.builders.assets import prepare_assets
 from plateforme.builders.repository import ChatEndpoint, render_repository
 from plateforme.server import ServerConfig, TritonServer, free_port
@@ -115,33 +111,12 @@ class TritonPythonModel:
 }
 
 
-async def overheads(url: str, metrics_url: str, count: int) -> list[float]:
-    """Milliseconds per 1-token request on one gRPC stream, minus the engine's step time for it (read
-    from /metrics between requests, outside the timed span)."""
-    tensors = [_input(name, value) for name, value in
-               {"text_input": P2_PROMPT, "max_tokens": 1, "temperature": 0.0, "stream": False}.items()]
-    sends: asyncio.Queue = asyncio.Queue()
-
-    async def requests():
-        while (item := await sends.get()) is not None:
-            yield item
-
-    figures = []
-    async with InferenceServerClient(url) as client:
-        replies = client.stream_infer(requests(), stream_timeout=600)
-        for _ in range(count):
-            before = engine_step_seconds(metrics_url)
-            start = time.perf_counter()
-            await sends.put({"model_name": ENDPOINT, "inputs": tensors, "request_id": uuid.uuid4().hex})
-            result, error = await replies.__anext__()
-            seconds = time.perf_counter() - start
-            if error is not None:
-                raise RuntimeError(f"the server answered an error: {error}")
-            if result.as_numpy("text_output") is None:
-                raise RuntimeError("the reply has no text_output")
-            figures.append((seconds - engine_seconds_since(metrics_url, before)) * 1000)
-        await sends.put(None)
-    return figures
+def overheads(server: TritonServer, count: int, warmup: int = 0) -> list[float]:
+    """Milliseconds per 1-token request on one gRPC stream, minus the engine's step time for it:
+    bench/inflight.py's P2 measurement."""
+    round_trips, engine_times = asyncio.run(
+        serving_overhead(server.grpc_url, server.metrics_url, count, persistent=True, warmup=warmup))
+    return [(trip - engine) * 1000 for trip, engine in zip(round_trips, engine_times)]
 
 
 def stand_in_repository(ours: Path, target: Path, sweep_bytes: int) -> Path:
@@ -175,11 +150,11 @@ def main() -> int:
         try:
             for server in servers:
                 server.start()
-            for server in servers:  # warm-up
-                asyncio.run(overheads(server.grpc_url, server.metrics_url, 5))
+            for server in servers:
+                overheads(server, 0, warmup=5)
             for r in range(args.rounds):
                 for name, server in zip(names, servers):
-                    figures[name] += asyncio.run(overheads(server.grpc_url, server.metrics_url, args.requests))
+                    figures[name] += overheads(server, args.requests)
                 print(f"round {r + 1}: " + ", ".join(
                     f"{name} p50 {statistics.median(values[-args.requests:]):.2f} ms" for name, values in figures.items()),
                     flush=True)

@@ -184,7 +184,7 @@ class Transformer(nn.Module):
             normed = kernels.rms_norm(h, first_norm.weight, first_norm.eps)
             if stack is not None and plan.all_kernel_tokens:
                 stack(h, normed, cos, sin, cache.kv, cache.positions, plan.kernel_rows, plan.kernel_slots,
-                                   plan.kernel_query_pos, cache.window)
+                      plan.kernel_query_pos, cache.window)
                 return self.logits(normed.index_select(0, plan.last_rows))
             next_norms = self._next_norms()
             for i, (layer, next_norm) in enumerate(zip(self.layers, next_norms)):
