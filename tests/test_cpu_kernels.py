@@ -193,11 +193,27 @@ def test_a_layer_without_its_fused_weight_sends_the_model_down_the_torch_path(ke
     assert torch.equal(outs[0], outs[1]) and outs[0].isfinite().all()
 
 
-def _decode_steps(model, prompts, steps, use_stack: bool):
+class _CountingStack:
+    """A model's DecoderStack that counts the steps it runs."""
+
+    def __init__(self, stack):
+        self.stack, self.calls = stack, 0
+
+    def current(self) -> bool:
+        return self.stack.current()
+
+    def __call__(self, *args) -> None:
+        self.calls += 1
+        self.stack(*args)
+
+
+def _decode_steps(model, prompts, steps, use_stack: bool) -> tuple[list[torch.Tensor], int]:
     """Logits of each step: the prompts prefilled in fresh entries, then greedy decode steps, a new
-    prompt joining at step 2; through the decoder stack or the per-layer kernel calls."""
+    prompt joining at step 2; through the decoder stack or the per-layer kernel calls. Also returns
+    how many steps the stack ran."""
     stack = model.decoder_stack
-    model.decoder_stack = stack if use_stack else None
+    counting = _CountingStack(stack)
+    model.decoder_stack = counting if use_stack else None
     try:
         cache = model.new_slot_cache(len(prompts) + 1, 256)
         cache.kv.fill_(float("nan"))
@@ -215,7 +231,7 @@ def _decode_steps(model, prompts, steps, use_stack: bool):
                 sequences.append(prompts[0][:5])
                 segments.append(Segment(slots[-1], 0, 5))
                 tokens += prompts[0][:5]
-        return outs
+        return outs, counting.calls
     finally:
         model.decoder_stack = stack
 
@@ -226,8 +242,9 @@ def test_decoder_stack_gives_the_per_layer_kernels_logits_bit_for_bit(linear_ker
     assert model.decoder_stack is not None
     prompts = [list(range(5, 14)), [40, 41, 42]]  # within the window: every token is a kernel token
     with torch.inference_mode():
-        stacked = _decode_steps(model, prompts, 6, use_stack=True)
-        per_layer = _decode_steps(model, prompts, 6, use_stack=False)
+        stacked, stack_steps = _decode_steps(model, prompts, 6, use_stack=True)
+        per_layer, _ = _decode_steps(model, prompts, 6, use_stack=False)
+    assert stack_steps == 6
     assert all(torch.equal(a, b) for a, b in zip(stacked, per_layer))
     assert all(out.isfinite().all() for out in stacked)
 
@@ -246,8 +263,9 @@ def test_a_replaced_weight_takes_the_model_off_the_decoder_stack(linear_kernels,
     prompts = [list(range(5, 14))]
     with torch.inference_mode():
         assert not models[0].decoder_stack.current()
-        stacked = _decode_steps(models[0], prompts, 3, use_stack=True)
-        per_layer = _decode_steps(models[1], prompts, 3, use_stack=False)
+        stacked, stack_steps = _decode_steps(models[0], prompts, 3, use_stack=True)
+        per_layer, _ = _decode_steps(models[1], prompts, 3, use_stack=False)
+    assert stack_steps == 0
     assert all(torch.equal(a, b) for a, b in zip(stacked, per_layer))
 
 
