@@ -45,7 +45,7 @@ import tritonclient.grpc as grpcclient
 from tritonclient.grpc.aio import InferenceServerClient
 
 from plateforme.builders.assets import prepare_assets
-from plateforme.builders.repository import ChatEndpoint, render_repository
+from plateforme.builders.repository import SEPARATE_PREFILL_CHOICES, ChatEndpoint, render_repository
 from plateforme.python_backend.context import context_length
 from plateforme.python_backend.engine import Engine, resolve_dtype
 from plateforme.python_backend.sampling import SamplingParams
@@ -343,7 +343,7 @@ def main() -> int:
     parser.add_argument("--p2-requests", type=int, default=50)
     parser.add_argument("--rounds", type=int, default=3,
                         help="requests per client in the steady-state (closed loop) measurement; the first is ramp-up")
-    parser.add_argument("--separate-prefill", default="auto", choices=["auto", "true", "false"],
+    parser.add_argument("--separate-prefill", default="auto", choices=SEPARATE_PREFILL_CHOICES,
                         help="the engine's separate_prefill (auto: on for CPU); false mixes prompts into the "
                              "decode steps")
     parser.add_argument("--record", action="store_true", help="append the figures to bench/RESULTS.md")

@@ -96,6 +96,19 @@ class BlockedWeight(RepackedWeight):
         return out
 
 
+def _optional_function(library: ctypes.CDLL, name: str, argtypes: list):
+    """A function the library has only where the CPU has AVX512-BF16; None elsewhere."""
+    function = getattr(library, name, None)
+    if function is not None:
+        function.argtypes, function.restype = argtypes, None
+    return function
+
+
+def _attention_scratch(n_heads: int, n_kv_heads: int, capacity: int, threads: int) -> torch.Tensor:
+    """pf_decode_attention's per-thread scores and visible-entry lists."""
+    return torch.empty(threads * (n_heads // n_kv_heads + 1) * capacity, dtype=torch.float32)
+
+
 class _Layer(ctypes.Structure):
     """pf_layer in cpu_kernels.c."""
 
@@ -155,7 +168,7 @@ class DecoderStack:
         qkv_width = (self.n_heads + 2 * self.n_kv_heads) * self.head_dim
         work = h.new_empty(n * (qkv_width + self.n_heads * self.head_dim + self.dim + 3 * self.hidden))
         threads, capacity = torch.get_num_threads(), kv.shape[4]
-        scratch = torch.empty(threads * (self.n_heads // self.n_kv_heads + 1) * capacity, dtype=torch.float32)
+        scratch = _attention_scratch(self.n_heads, self.n_kv_heads, capacity, threads)
         self._function(
             ctypes.addressof(self._structs), len(self.layers), n, self.dim, self.n_heads, self.n_kv_heads,
             self.head_dim, self.hidden, h.data_ptr(), normed.data_ptr(), cos.data_ptr(), sin.data_ptr(),
@@ -172,14 +185,8 @@ class CpuKernels:
             function = getattr(library, name)
             function.argtypes, function.restype = argtypes, None
         self._lib = library
-        name, argtypes = _LINEAR_SIGNATURE
-        self._linear = getattr(library, name, None)
-        if self._linear is not None:
-            self._linear.argtypes, self._linear.restype = argtypes, None
-        name, argtypes = _STACK_SIGNATURE
-        self._stack = getattr(library, name, None)
-        if self._stack is not None:
-            self._stack.argtypes, self._stack.restype = argtypes, None
+        self._linear = _optional_function(library, *_LINEAR_SIGNATURE)
+        self._stack = _optional_function(library, *_STACK_SIGNATURE)
 
     @property
     def has_linear(self) -> bool:
@@ -233,7 +240,7 @@ class CpuKernels:
         tokens, prompt tokens in fresh entries) to one layer's ``keys``/``values`` [n_slots, KV, capacity, D],
         then their attention output to ``out`` [N, H * D]."""
         capacity, threads = keys.shape[2], torch.get_num_threads()
-        scratch = torch.empty(threads * (n_heads // n_kv_heads + 1) * capacity, dtype=torch.float32)
+        scratch = _attention_scratch(n_heads, n_kv_heads, capacity, threads)
         base, item_bytes = qkv.data_ptr(), qkv.element_size()
         k_new = base + n_heads * head_dim * item_bytes
         v_new = k_new + n_kv_heads * head_dim * item_bytes

@@ -185,10 +185,9 @@ class Transformer(nn.Module):
             if stack is not None and plan.all_kernel_tokens:
                 stack(h, normed, cos, sin, cache.kv, cache.positions, plan.kernel_rows, plan.kernel_slots,
                       plan.kernel_query_pos, cache.window)
-                return self.logits(normed.index_select(0, plan.last_rows))
-            next_norms = self._next_norms()
-            for i, (layer, next_norm) in enumerate(zip(self.layers, next_norms)):
-                normed = layer.forward_batch_fused(h, normed, cos, sin, plan, i, next_norm, kernels)
+            else:
+                for i, (layer, next_norm) in enumerate(zip(self.layers, self._next_norms())):
+                    normed = layer.forward_batch_fused(h, normed, cos, sin, plan, i, next_norm, kernels)
             return self.logits(normed.index_select(0, plan.last_rows))
         for i, layer in enumerate(self.layers):
             h = layer.forward_batch(h, cos, sin, plan, i)
