@@ -35,8 +35,9 @@ SCHEDULER_POLICIES = ("guaranteed_no_evict", "max_utilization")
 # through the ensemble are stopped at once by a `stop` request; direct clients' disconnections are
 # noticed within this delay.
 DISCONNECT_POLL_S = 0.05
-# Outputs with the same value in every response of a sequence (finish_reason too, while empty).
-_UNCHANGING_OUTPUTS = frozenset({"num_input_tokens", "engine_request_id", "sequence_index"})
+# Token lists this short are cached as output tensors (a streamed chunk, a 1-token answer): longer
+# ones seldom come back.
+CACHED_IDS_MAX = 2
 # While the engine is busy, the metrics every step changes are sent at most this often.
 METRICS_INTERVAL_S = 0.1
 
@@ -101,9 +102,6 @@ class _Returned:
 
     sent: list[int] = field(default_factory=list)  # generated tokens
     log_probs: list[float] = field(default_factory=list)
-    # Output tensors whose value stays the same in every response, made once: a send copies a tensor
-    # out of the stub's shared memory before it returns, so the next response can carry it again.
-    unchanging: dict[str, object] = field(default_factory=dict)
 
 
 @dataclass
@@ -154,6 +152,7 @@ class TritonPythonModel:
             )
 
         self.metrics = EngineMetrics(args["model_name"])
+        self.tensors = t.TensorCache()  # used by the engine thread alone
         self.model_dir = model_dir
         self._guides = None  # built on the first guided request: xgrammar's tables take a moment
         self.inbox: queue.Queue = queue.Queue()
@@ -360,32 +359,32 @@ class TritonPythonModel:
         def ints(values, shape):
             return np.array(values, dtype=np.int32).reshape(shape)
 
-        # Built only when asked for: a response is made every step for every stream.
+        def ids_key(ids):
+            return tuple(ids) if len(ids) <= CACHED_IDS_MAX else None
+
+        # name: (key of the value for the tensor cache, or None; the value). Built only when asked
+        # for: a response is made every step for every stream.
+        zeros = not request.params.return_log_probs  # log probs not asked for: sent as zeros
         outputs = {
-            "output_ids": lambda: ints(tokens, (1, 1, len(tokens))),
-            "sequence_length": lambda: ints([len(tokens)], (1, 1)),
-            "cum_log_probs": lambda: np.array([[sum(returned.log_probs)]], dtype=np.float32),
-            "output_log_probs": lambda: np.array(log_probs, dtype=np.float32).reshape(1, 1, -1),
-            "num_input_tokens": lambda: ints([len(request.prompt)], (1, 1)),
-            "num_output_tokens": lambda: ints([len(returned.sent)], (1, 1)),
-            "finish_reason": lambda: np.array([[(output.finish_reason or "").encode()]], dtype=object),
-            "prefix_ids": lambda: ints(prefix, (1, 1, len(prefix))),
-            "engine_request_id": lambda: np.array([[request.key.encode()]], dtype=object),
-            "sequence_index": lambda: ints([output.sequence_index], (1, 1)),
+            "output_ids": (ids_key(tokens), lambda: ints(tokens, (1, 1, len(tokens)))),
+            "sequence_length": (len(tokens), lambda: ints([len(tokens)], (1, 1))),
+            "cum_log_probs": (0 if zeros else None,
+                              lambda: np.array([[sum(returned.log_probs)]], dtype=np.float32)),
+            "output_log_probs": (len(log_probs) if zeros else None,
+                                 lambda: np.array(log_probs, dtype=np.float32).reshape(1, 1, -1)),
+            "num_input_tokens": (len(request.prompt), lambda: ints([len(request.prompt)], (1, 1))),
+            "num_output_tokens": (len(returned.sent), lambda: ints([len(returned.sent)], (1, 1))),
+            "finish_reason": (output.finish_reason or "",
+                              lambda: np.array([[(output.finish_reason or "").encode()]], dtype=object)),
+            "prefix_ids": (ids_key(prefix), lambda: ints(prefix, (1, 1, len(prefix)))),
+            # The same in every response of the request.
+            "engine_request_id": (request.key, lambda: np.array([[request.key.encode()]], dtype=object)),
+            "sequence_index": (output.sequence_index, lambda: ints([output.sequence_index], (1, 1))),
         }
-        unchanging = _UNCHANGING_OUTPUTS if output.finish_reason else _UNCHANGING_OUTPUTS | {"finish_reason"}
-
-        def tensor(name, make):
-            if name not in unchanging:
-                return pb_utils.Tensor(name, make())
-            if name not in returned.unchanging:
-                returned.unchanging[name] = pb_utils.Tensor(name, make())
-            return returned.unchanging[name]
-
         wanted = request.outputs or outputs.keys()
-        return pb_utils.InferenceResponse(
-            output_tensors=[tensor(name, make) for name, make in outputs.items() if name in wanted]
-        )
+        return pb_utils.InferenceResponse(output_tensors=[
+            self.tensors.tensor(name, key, make) for name, (key, make) in outputs.items() if name in wanted
+        ])
 
 
 def _first_row(array):

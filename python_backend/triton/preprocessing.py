@@ -16,6 +16,7 @@ class TritonPythonModel:
         self.tokenizer = load_tokenizer(params["tokenizer_dir"])
         self.context = context_length(params["tokenizer_dir"], t.int_parameter(params, "max_seq_len", 0))
         self.default_max_tokens = t.int_parameter(params, "default_max_tokens", 256)
+        self.tensors = t.TensorCache()
 
     def execute(self, requests):
         responses = []
@@ -44,15 +45,21 @@ class TritonPythonModel:
         input_ids = np.full((rows, width), self.tokenizer.pad_id, dtype=np.int32)
         for row, prompt in enumerate(ids):
             input_ids[row, : len(prompt)] = prompt
-        column = lambda values: np.array(values, dtype=np.int32).reshape(rows, 1)  # noqa: E731
+
+        def column(name, values):
+            return self.tensors.tensor(name, tuple(values), lambda: np.array(values, dtype=np.int32).reshape(rows, 1))
+
+        def words(name, per_row):  # cached when no row has words, the usual case
+            return self.tensors.tensor(name, None if any(per_row) else rows, lambda: _stack_word_lists(per_row))
+
         return pb_utils.InferenceResponse(output_tensors=[
             pb_utils.Tensor("INPUT_ID", input_ids),
-            pb_utils.Tensor("REQUEST_INPUT_LEN", column(lengths)),
-            pb_utils.Tensor("REQUEST_OUTPUT_LEN", column(out_lens)),
-            pb_utils.Tensor("STOP_WORDS_IDS", _stack_word_lists(stops)),
-            pb_utils.Tensor("BAD_WORDS_IDS", _stack_word_lists(bads)),
-            pb_utils.Tensor("OUT_END_ID", column(end_ids)),
-            pb_utils.Tensor("OUT_PAD_ID", column(pad_ids)),
+            column("REQUEST_INPUT_LEN", lengths),
+            column("REQUEST_OUTPUT_LEN", out_lens),
+            words("STOP_WORDS_IDS", stops),
+            words("BAD_WORDS_IDS", bads),
+            column("OUT_END_ID", end_ids),
+            column("OUT_PAD_ID", pad_ids),
         ])
 
     def _prompt_ids(self, inputs: dict, row: int) -> list[int]:
@@ -83,13 +90,8 @@ class TritonPythonModel:
         return ids
 
 
-_NO_WORDS = t.word_list([])
-
-
 def _stack_word_lists(per_row: list[list[list[int]]]) -> np.ndarray:
     """[batch, 2, n] word lists, padded to the widest row."""
-    if not any(per_row):  # the usual case, made cheap: no words in any row
-        return np.broadcast_to(_NO_WORDS, (len(per_row), *_NO_WORDS.shape)).copy()
     lists = [t.word_list(words) for words in per_row]
     width = max(array.shape[1] for array in lists)
     out = np.full((len(lists), 2, width), -1, dtype=np.int32)
