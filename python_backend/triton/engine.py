@@ -152,7 +152,9 @@ class TritonPythonModel:
             )
 
         self.metrics = EngineMetrics(args["model_name"])
-        self.tensors = t.TensorCache()  # used by the engine thread alone
+        # Made by the engine thread, and by execute() for engine_request_id (dict operations are
+        # atomic: a race makes a tensor twice at worst).
+        self.tensors = t.TensorCache()
         self.model_dir = model_dir
         self._guides = None  # built on the first guided request: xgrammar's tables take a moment
         self.inbox: queue.Queue = queue.Queue()
@@ -223,7 +225,7 @@ class TritonPythonModel:
             guide = t.scalar(inputs, "guided_decoding_guide", 0, t.text, None)
             budget = min(params.max_tokens, self.engine.max_seq_len - length)
             params.guide = self._guide_compiler().compile(guide_type, guide, max_tokens=max(budget, 2))
-        return _Request(
+        parsed = _Request(
             key=uuid.uuid4().hex,
             client_id=request.request_id(),
             sender=sender,
@@ -235,6 +237,10 @@ class TritonPythonModel:
             sequences={i: _Returned() for i in range(num_sequences)},
             unfinished=num_sequences,
         )
+        # The one output tensor no other request shares: made now rather than after the model step,
+        # which leaves every CPU cache cold.
+        self.tensors.tensor("engine_request_id", parsed.key, lambda: _request_id_array(parsed.key))
+        return parsed
 
     def _guide_compiler(self):
         if self._guides is None:
@@ -377,14 +383,17 @@ class TritonPythonModel:
             "finish_reason": (output.finish_reason or "",
                               lambda: np.array([[(output.finish_reason or "").encode()]], dtype=object)),
             "prefix_ids": (ids_key(prefix), lambda: ints(prefix, (1, 1, len(prefix)))),
-            # The same in every response of the request.
-            "engine_request_id": (request.key, lambda: np.array([[request.key.encode()]], dtype=object)),
+            "engine_request_id": (request.key, lambda: _request_id_array(request.key)),
             "sequence_index": (output.sequence_index, lambda: ints([output.sequence_index], (1, 1))),
         }
         wanted = request.outputs or outputs.keys()
         return pb_utils.InferenceResponse(output_tensors=[
             self.tensors.tensor(name, key, make) for name, (key, make) in outputs.items() if name in wanted
         ])
+
+
+def _request_id_array(key: str) -> np.ndarray:
+    return np.array([[key.encode()]], dtype=object)
 
 
 def _first_row(array):
