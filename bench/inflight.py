@@ -340,7 +340,8 @@ def main() -> int:
     parser.add_argument("--new-tokens", type=int, default=128)
     parser.add_argument("--repeats", type=int, default=5, help="repetitions of each throughput figure (median)")
     parser.add_argument("--single", type=int, default=3, help="requests of each one-at-a-time measurement")
-    parser.add_argument("--p2-requests", type=int, default=50)
+    parser.add_argument("--p2-requests", type=int, default=200,
+                        help="1-token requests for P2, each way (a median of more is steadier on a noisy host)")
     parser.add_argument("--rounds", type=int, default=3,
                         help="requests per client in the steady-state (closed loop) measurement; the first is ramp-up")
     parser.add_argument("--separate-prefill", default="auto", choices=SEPARATE_PREFILL_CHOICES,
