@@ -5,6 +5,7 @@ import math
 import secrets
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from functools import cached_property
 from typing import TYPE_CHECKING
 
 import torch
@@ -120,13 +121,16 @@ class Sampler:
     def __init__(self, params: SamplingParams, vocab_size: int, prompt_ids: Sequence[int], seed: int | None = None):
         """``seed`` overrides ``params.seed`` (several sequences of one request each draw their own)."""
         self.params = params
-        if seed is None:
-            seed = params.seed if params.seed is not None else secrets.randbits(64)
-        self.generator = torch.Generator().manual_seed(seed)
+        self._seed = seed if seed is not None else params.seed
         self.counts: torch.Tensor | None = None
         if params.repetition_penalty != 1 or params.presence_penalty or params.frequency_penalty:
             prompt = torch.tensor(list(prompt_ids), dtype=torch.long)
             self.counts = torch.bincount(prompt, minlength=vocab_size)
+
+    @cached_property
+    def generator(self) -> torch.Generator:
+        """Made on the first draw: a greedy sequence never needs one."""
+        return torch.Generator().manual_seed(self._seed if self._seed is not None else secrets.randbits(64))
 
     def __call__(self, logits: torch.Tensor, generated: Sequence[int], argmax: int | None = None) -> tuple[int, float]:
         """Pick the token after ``generated`` from ``logits`` [vocab]; returns (token, log-prob). The

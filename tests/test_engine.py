@@ -127,6 +127,15 @@ def test_top_k_and_top_p_restrict_the_candidates():
     assert draws(sampler(top_p=1.0, seed=0), logits) == set(range(6))
 
 
+def test_a_seeded_sampler_draws_the_same_tokens_and_a_greedy_one_makes_no_generator():
+    logits = torch.zeros(6)
+    first, again = sampler(temperature=1.0, seed=7), sampler(temperature=1.0, seed=7)
+    assert [first(logits, [])[0] for _ in range(20)] == [again(logits, [])[0] for _ in range(20)]
+    greedy = sampler(temperature=0.0)
+    greedy(torch.tensor([0.0, 2.0, 1.0, 0, 0, 0]), [])
+    assert "generator" not in vars(greedy)  # made on the first draw only
+
+
 def test_sampled_log_prob_is_of_the_filtered_distribution():
     token, log_prob = sampler(top_k=2, temperature=0.5, seed=0)(torch.tensor([1.0, 0.5, 0.0, 0, 0, 0]), [])
     probs = torch.softmax(torch.tensor([2.0, 1.0]), dim=0)
