@@ -35,8 +35,8 @@ SCHEDULER_POLICIES = ("guaranteed_no_evict", "max_utilization")
 # through the ensemble are stopped at once by a `stop` request; direct clients' disconnections are
 # noticed within this delay.
 DISCONNECT_POLL_S = 0.05
-# Token lists this short are cached as output tensors (a streamed chunk, a 1-token answer): longer
-# ones seldom come back.
+# Token lists (and their zero log probs) this short are cached as output tensors (a streamed chunk,
+# a 1-token answer): longer ones seldom come back, and would hold the stub's shared memory.
 CACHED_IDS_MAX = 2
 # While the engine is busy, the metrics every step changes are sent at most this often.
 METRICS_INTERVAL_S = 0.1
@@ -376,7 +376,7 @@ class TritonPythonModel:
             "sequence_length": (len(tokens), lambda: ints([len(tokens)], (1, 1))),
             "cum_log_probs": (0 if zeros else None,
                               lambda: np.array([[sum(returned.log_probs)]], dtype=np.float32)),
-            "output_log_probs": (len(log_probs) if zeros else None,
+            "output_log_probs": (len(log_probs) if zeros and len(log_probs) <= CACHED_IDS_MAX else None,
                                  lambda: np.array(log_probs, dtype=np.float32).reshape(1, 1, -1)),
             "num_input_tokens": (len(request.prompt), lambda: ints([len(request.prompt)], (1, 1))),
             "num_output_tokens": (len(returned.sent), lambda: ints([len(returned.sent)], (1, 1))),
