@@ -36,8 +36,9 @@ from plateforme.ci.sources import DigestMemo, resolve_source, source_digests, so
 STAGES = ("convert", "build", "validate", "smoke", "publish")
 ENDPOINT_STAGES = STAGES[:3]
 OK, CACHED, SKIPPED, FAILED = "ok", "cached", "skipped", "FAILED"
-# Files a served TensorRT-LLM endpoint still reads from its HF checkpoint: config and tokenizer.
-_NON_WEIGHT_SUFFIXES = (".json", ".model", ".txt", ".jinja")
+# A served TensorRT-LLM endpoint still reads its HF checkpoint's config and tokenizer files (among
+# them mistral-common's `*.model.v3`), not its weights.
+_WEIGHT_SUFFIX = ".safetensors"
 
 
 class StageError(RuntimeError):
@@ -288,7 +289,7 @@ class Pipeline:
         with atomic_directory(target) as tmp:
             for path in source_files(source):
                 relpath = path.relative_to(source).as_posix()
-                if not weights and not path.name.endswith(_NON_WEIGHT_SUFFIXES):
+                if not weights and path.suffix == _WEIGHT_SUFFIX:
                     continue
                 (tmp / relpath).parent.mkdir(parents=True, exist_ok=True)
                 shutil.copyfile(path, tmp / relpath)

@@ -251,6 +251,10 @@ def test_tensorrt_llm_build_without_tensorrt_llm_fails_clearly(tmp_path, capsys,
     plan = convert["trtllm_build_plan"]
     assert plan[0] == "trtllm-build" and plan[plan.index("--max_seq_len") + 1] == "256"
     assert not list((cache / "entries").glob("mistral-tiny-*/engine")) and not out.exists()
+    # The served endpoint will read the HF config and mistral-common's tokenizer file, not the weights.
+    staged = {path.name for path in next((cache / "entries").glob("mistral-tiny-*/hf")).iterdir()}
+    assert "config.json" in staged and any(name.endswith(".model.v3") for name in staged)
+    assert not any(name.endswith(".safetensors") for name in staged)
 
 
 def test_hub_source_without_hub_access_says_so(tmp_path, capsys, monkeypatch):
