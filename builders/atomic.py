@@ -5,7 +5,7 @@ import contextlib
 import os
 import shutil
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 
 
@@ -35,6 +35,25 @@ def atomic_directory(target: str | Path, replace: bool = True) -> Iterator[Path]
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def check_replaceable(out_dir: str | Path, holds_previous: Callable[[Path], bool], what: str,
+                      inputs: Iterable[str | Path] = (), error: type[Exception] = ValueError) -> None:
+    """Refuse an output directory that atomic_directory() would replace with loss: a file, a directory
+    that is or holds one of `inputs`, or a non-empty directory that `holds_previous` does not
+    recognise as an earlier output of the same kind (`what`, for the message)."""
+    out = Path(out_dir).resolve()
+    for source in inputs:
+        source = Path(source).resolve()
+        if source == out or out in source.parents:
+            raise error(f"{out_dir} holds {source}, an input of this run; write to another directory")
+    if not out.exists():
+        return
+    if not out.is_dir():
+        raise error(f"{out_dir} exists and is not a directory")
+    if any(out.iterdir()) and not holds_previous(out):
+        raise error(f"{out_dir} is not empty and holds no {what}; choose a new or empty directory "
+                    "(the output replaces it whole)")
 
 
 def atomic_write_bytes(path: str | Path, data: bytes) -> None:

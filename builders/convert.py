@@ -36,7 +36,7 @@ from typing import Any
 import torch
 from safetensors import safe_open
 
-from plateforme.builders.atomic import atomic_directory
+from plateforme.builders.atomic import atomic_directory, check_replaceable
 from plateforme.builders.engine_manifest import (
     FORMAT_VERSION,
     read_checkpoint_record,
@@ -483,18 +483,10 @@ class ConversionResult:
 
 
 def _check_out_dir(out_dir: Path, model_dir: Path) -> None:
-    out, src = out_dir.resolve(), model_dir.resolve()
-    if out == src or src in out.parents:
-        raise ConversionError(f"output directory {out_dir} must not be the source checkpoint or inside it")
-    if out_dir.exists():
-        if not out_dir.is_dir():
-            raise ConversionError(f"{out_dir} exists and is not a directory")
-        previous = read_checkpoint_record(out_dir) is not None
-        if any(out_dir.iterdir()) and not previous:
-            raise ConversionError(
-                f"{out_dir} exists and is not a checkpoint written by plateforme convert; "
-                "choose a new or empty directory (it would be replaced)"
-            )
+    if model_dir.resolve() in out_dir.resolve().parents:
+        raise ConversionError(f"output directory {out_dir} must not be inside the source checkpoint")
+    check_replaceable(out_dir, lambda out: read_checkpoint_record(out) is not None,
+                      "checkpoint written by plateforme convert", [model_dir], ConversionError)
 
 
 def convert_checkpoint(

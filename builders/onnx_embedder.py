@@ -41,7 +41,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from plateforme.builders.atomic import atomic_directory, atomic_write_bytes
+from plateforme.builders.atomic import atomic_directory, atomic_write_bytes, check_replaceable
 from plateforme.python_backend.embeddings import (
     ONNX_FORMAT,
     ONNX_INPUTS,
@@ -163,17 +163,8 @@ def _check_checkpoint(model_dir: Path) -> dict:
 
 
 def _check_out_dir(out_dir: Path, model_dir: Path) -> None:
-    """The export replaces `out_dir` whole: refuse a directory that holds anything but a previous export."""
-    out, model = out_dir.resolve(), model_dir.resolve()
-    if out == model or out in model.parents:
-        raise OnnxExportError(f"{out_dir} holds the checkpoint {model_dir}; export to another directory")
-    if out.exists():
-        if not out.is_dir():
-            raise OnnxExportError(f"{out_dir} exists and is not a directory")
-        if any(out.iterdir()) and not (out / ONNX_MANIFEST_FILE).is_file():
-            raise OnnxExportError(
-                f"{out_dir} is not empty and holds no previous ONNX embedder export; it would be replaced whole"
-            )
+    check_replaceable(out_dir, lambda out: (out / ONNX_MANIFEST_FILE).is_file(), "previous ONNX embedder export",
+                      [model_dir], OnnxExportError)
 
 
 def _sha256(path: Path) -> str:

@@ -19,7 +19,7 @@ from importlib import resources
 from pathlib import Path
 
 from plateforme.builders import engine_manifest
-from plateforme.builders.atomic import atomic_directory
+from plateforme.builders.atomic import atomic_directory, check_replaceable
 from plateforme.builders.fill_template import fill_template
 
 ENGINE_KINDS = ("pytorch", "tensorrtllm")
@@ -149,6 +149,12 @@ def _check_onnx_embedder(endpoint: EmbeddingEndpoint) -> Path:
     if path.is_file() and path.name != manifest["model"]:
         raise RepositoryError(f"{endpoint.name}: {onnx_dir} exports {manifest['model']}, not {path.name}")
     return onnx_dir
+
+
+def _holds_repository(directory: Path) -> bool:
+    """A Triton model repository (a previous render, say): every entry a model with its config.pbtxt."""
+    entries = [path for path in directory.iterdir() if not path.name.startswith(".")]
+    return bool(entries) and all((path / "config.pbtxt").is_file() for path in entries)
 
 
 def _link_or_copy(source: str, target: str) -> None:
@@ -332,6 +338,9 @@ def render_repository(
             )
         if endpoint.runtime == "onnx":
             onnx_dirs[endpoint.name] = _check_onnx_embedder(endpoint)
+    inputs = [path for e in chat for path in (e.model_dir, e.engine_dir) if path is not None]
+    inputs += [path for e in embeddings for path in (e.model_dir, e.onnx_path) if path is not None]
+    check_replaceable(out_dir, _holds_repository, "Triton model repository", inputs, RepositoryError)
     templates = templates_root()
     with atomic_directory(out_dir) as tmp:
         for endpoint in chat:

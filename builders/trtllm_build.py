@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from plateforme.builders.atomic import atomic_directory
+from plateforme.builders.atomic import atomic_directory, check_replaceable
 from plateforme.builders.engine_manifest import (
     ENGINE_CONFIG,
     ENGINE_MANIFEST,
@@ -250,14 +250,17 @@ class BuildResult:
     manifest: EngineManifest | None  # None for a dry run
 
 
-def _check_engine_dir(engine_dir: Path, checkpoint_dir: Path) -> None:
-    out, ckpt = engine_dir.resolve(), checkpoint_dir.resolve()
-    if out == ckpt or ckpt in out.parents:
-        raise BuildError(f"engine directory {engine_dir} must not be the checkpoint directory or inside it")
-    if engine_dir.exists() and any(engine_dir.iterdir()):
-        if not ((engine_dir / ENGINE_MANIFEST).is_file() or (engine_dir / ENGINE_CONFIG).is_file()):
-            raise BuildError(f"{engine_dir} exists and does not hold an engine; choose a new or empty directory "
-                             "(it would be replaced)")
+def _check_engine_dir(engine_dir: Path, inputs: list[Path]) -> None:
+    """`inputs`: the checkpoint directory first, then any other directory the build reads."""
+    if inputs[0].resolve() in engine_dir.resolve().parents:
+        raise BuildError(f"engine directory {engine_dir} must not be inside the checkpoint directory")
+    check_replaceable(engine_dir, _holds_engine, "TensorRT-LLM engine", inputs, BuildError)
+
+
+def _holds_engine(directory: Path) -> bool:
+    """A previous build: ours (with its manifest) or trtllm-build's own (its config and rank engines)."""
+    return (directory / ENGINE_MANIFEST).is_file() or (
+        (directory / ENGINE_CONFIG).is_file() and any(directory.glob("rank*.engine")))
 
 
 def build_engine(
@@ -274,9 +277,9 @@ def build_engine(
     checkpoint_dir, engine_dir = Path(checkpoint_dir), Path(engine_dir)
     checkpoint = read_checkpoint_config(checkpoint_dir)
     command = trtllm_build_command(checkpoint_dir, engine_dir, profile, checkpoint)
+    _check_engine_dir(engine_dir, [checkpoint_dir] + ([Path(tokenizer_dir)] if tokenizer_dir is not None else []))
     if dry_run:
         return BuildResult(command, engine_dir, None)
-    _check_engine_dir(engine_dir, checkpoint_dir)
     toolchain = detect_toolchain()
     record = read_checkpoint_record(checkpoint_dir) or {}
     if tokenizer_dir is not None:

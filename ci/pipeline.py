@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from plateforme.builders.atomic import atomic_directory
+from plateforme.builders.atomic import atomic_directory, check_replaceable
 from plateforme.builders.assets import quiet_transformers
 from plateforme.builders.engine_manifest import sha256_file
 from plateforme.ci import cache as cache_mod
@@ -570,6 +570,12 @@ def run_pipeline(manifest_path: Path, stages: str | None = None, out: Path | Non
 
     manifest = load_manifest(manifest_path)
     pipeline = Pipeline(manifest, out or default_out_dir(manifest_path), parse_stages(stages), cache_dir, console)
+    if "publish" in pipeline.stages:  # refused now, not after the builds
+        from plateforme.ci.publish import RUN_FILE
+
+        inputs = [pipeline.cache_dir, Path(manifest_path)]
+        inputs += [spec.source.path for spec in manifest.endpoints.values() if spec.source.path is not None]
+        check_replaceable(pipeline.out, lambda out: (out / RUN_FILE).is_file(), "pipeline publication", inputs)
     report = pipeline.run()
     pipeline.console.print(summary_table(report))
     return report

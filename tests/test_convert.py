@@ -242,7 +242,7 @@ def test_a_crash_leaves_no_checkpoint_behind(tmp_path, tiny_mistral_dir, monkeyp
 def test_refuses_to_replace_a_directory_that_is_not_a_checkpoint(tmp_path, tiny_mistral_dir):
     (tmp_path / "precious").mkdir()
     (tmp_path / "precious" / "notes.txt").write_text("keep me")
-    with pytest.raises(ConversionError, match="not a checkpoint written by plateforme convert"):
+    with pytest.raises(ConversionError, match="holds no checkpoint written by plateforme convert"):
         convert_checkpoint(tiny_mistral_dir, tmp_path / "precious", progress=False)
     assert (tmp_path / "precious" / "notes.txt").read_text() == "keep me"
 

@@ -149,9 +149,9 @@ def test_export_refuses_non_bert_and_missing_dirs(tiny_mistral_dir, tmp_path):
 
 
 def test_export_never_replaces_other_directories(minilm_dir, tmp_path):
-    with pytest.raises(OnnxExportError, match="holds the checkpoint"):
+    with pytest.raises(OnnxExportError, match="an input of this run"):
         export_embedder_onnx(minilm_dir, minilm_dir)
-    with pytest.raises(OnnxExportError, match="holds the checkpoint"):
+    with pytest.raises(OnnxExportError, match="an input of this run"):
         export_embedder_onnx(minilm_dir, minilm_dir.parent)
     (tmp_path / "work").mkdir()
     (tmp_path / "work" / "notes.txt").write_text("keep me")
