@@ -93,7 +93,7 @@ class ChatCompletionRequest(_Body):
     model: str = Field(min_length=1)
     messages: list[Message] = Field(min_length=1)
     temperature: float | None = Field(None, ge=0.0, le=2.0)
-    top_p: float | None = Field(None, gt=0.0, le=1.0)
+    top_p: float | None = Field(None, ge=0.0, le=1.0)
     max_tokens: int | None = Field(None, ge=1, le=1_000_000)
     stream: bool = False
     stop: str | list[str] | None = None
@@ -296,7 +296,8 @@ class _Authenticate:
 
 
 def _model_card(endpoint: Endpoint) -> dict:
-    return {"id": endpoint.id, "object": "model", "created": endpoint.created, "owned_by": "plateforme",
+    # `type` "base" (not a fine-tuned model): Mistral's SDK needs it to tell the two kinds of card apart.
+    return {"id": endpoint.id, "object": "model", "type": "base", "created": endpoint.created, "owned_by": "plateforme",
             "root": endpoint.model, "capabilities": {"completion_chat": endpoint.kind == "chat",
                                                      "function_calling": endpoint.kind == "chat",
                                                      "embedding": endpoint.kind == "embedding"}}

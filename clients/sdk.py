@@ -519,6 +519,7 @@ class Embeddings:
 class ModelCard(BaseModel):
     id: str
     object: Literal["model"] = "model"
+    type: Literal["base"] = "base"
     created: int = 0
     owned_by: str = "plateforme"
     root: str | None = None

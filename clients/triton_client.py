@@ -113,12 +113,17 @@ class GenerationParams:
     def tensors(self) -> Tensors:
         """ensemble input name -> ([1, n] array, Triton datatype) for the parameters that are set."""
         values: Tensors = {"max_tokens": (np.array([[self.max_tokens]], dtype=np.int32), "INT32")}
+        top_p = self.top_p
+        if top_p is None and self.top_k is None and (self.temperature or 0) > 0:
+            # Mistral's API samples (top_p 1) when only a temperature is given; the engine, like
+            # TensorRT-LLM, decodes greedily when neither top_k nor top_p is set.
+            top_p = 1.0
         scalars = {"temperature": ("FP32", np.float32), "top_p": ("FP32", np.float32),
                    "top_k": ("INT32", np.int32), "seed": ("UINT64", np.uint64),
                    "min_tokens": ("INT32", np.int32), "presence_penalty": ("FP32", np.float32),
                    "frequency_penalty": ("FP32", np.float32), "repetition_penalty": ("FP32", np.float32)}
         for name, (datatype, dtype) in scalars.items():
-            value = getattr(self, name)
+            value = top_p if name == "top_p" else getattr(self, name)
             if value is not None:
                 values[name] = (np.array([[value]], dtype=dtype), datatype)
         if self.stop:

@@ -68,6 +68,9 @@ def test_mistralai_sdk_chat_stream_and_embeddings(gateway):
     assert text == response.choices[0].message.content
     embeddings = client.embeddings.create(model="mistral-embed", inputs=["Paris", "Lyon"])
     assert len(embeddings.data) == 2 and len(embeddings.data[0].embedding) == 384
+    assert {"smollm2", "mistral-embed"} <= {card.id for card in client.models.list().data}
+    card = client.models.retrieve(model_id="mistral-embed")
+    assert card.id == "mistral-embed" and card.type == "base" and not card.capabilities.completion_chat
 
 
 def test_mistralai_sdk_tool_call(gateway):

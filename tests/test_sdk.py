@@ -70,6 +70,20 @@ def test_plan_maps_mistral_arguments_onto_ensemble_inputs():
     assert (plan.guide_type, json.loads(plan.guide)) == ("json_schema", schema)
 
 
+def test_a_temperature_alone_samples_as_in_mistrals_api():
+    from plateforme.clients.triton_client import GenerationParams
+
+    def top_p(**params):
+        value = GenerationParams(**params).tensors().get("top_p")
+        return None if value is None else value[0].item()
+
+    # The engine (as TensorRT-LLM) is greedy without top_k/top_p: a temperature alone sends top_p 1.
+    assert top_p(temperature=0.7) == 1.0
+    assert top_p(temperature=0.7, top_p=0.5) == 0.5
+    assert top_p(temperature=0.7, top_k=40) is None
+    assert top_p(temperature=0.0) is None and top_p() is None
+
+
 # -- against the server ----------------------------------------------------------------------
 needs_server = pytest.mark.server
 
@@ -190,6 +204,15 @@ def test_async_client_matches_the_sync_one(server, protocol):
     assert events[-1].data.usage.completion_tokens == answers[0].usage.completion_tokens
     assert all(abs(x - y) < 1e-5 for got, want in zip([d.embedding for d in embedded.data], expected_vectors)
                for x, y in zip(got, want))
+
+
+@needs_server
+def test_seeds_give_different_samples_with_a_temperature_alone(server):
+    client = PlateformeClient(server.grpc_url)
+    kwargs = dict(model="smollm2", messages=[{"role": "user", "content": "Name an animal."}], max_tokens=12,
+                  temperature=1.0)
+    answers = [client.chat.complete(**kwargs, random_seed=seed).choices[0].message.content for seed in (1, 2, 3, 1)]
+    assert len(set(answers[:3])) == 3 and answers[3] == answers[0], answers
 
 
 @needs_server
