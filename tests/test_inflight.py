@@ -137,6 +137,17 @@ def _cancel_twenty_streams(server, model):
     # The engine keeps serving.
     after = grpc_stream(server, "mistral-tiny", {"text_input": strings("hello"), "max_tokens": ints(4)})
     assert after[-1]["finish_reason"].reshape(-1)[0].decode() == "length"
+    # A stream cancelled alone stops generating at once, not at its max_tokens (the 20 above, on a
+    # model this fast, are mostly generated before the last one is cancelled).
+    generated = metric(server, "plateforme_engine_generated_tokens_total", "mistral-tiny-engine")
+    [(client, responses)] = _start_streams(server, 1, max_tokens=230, model=model)
+    for _ in range(3):
+        assert responses.get(timeout=120)[1] is None
+    client.stop_stream(cancel_requests=True)
+    client.close()
+    _wait_for_metric(server, "plateforme_engine_active_sequences", "mistral-tiny-engine", 0)
+    generated = metric(server, "plateforme_engine_generated_tokens_total", "mistral-tiny-engine") - generated
+    assert generated < 115, f"{generated} of 230 tokens generated after the stream was cancelled"
 
 
 def test_stop_input_cancels_a_running_request(server):

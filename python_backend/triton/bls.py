@@ -85,9 +85,10 @@ class TritonPythonModel:
         lasts: dict[int, object] = {}
         for response in responses:
             if sender.is_cancelled():
-                cancel = getattr(responses, "cancel", None)
-                if cancel:
-                    cancel()
+                # Stopped by its id: the python backend of Triton 2.51 cannot cancel a BLS request.
+                engine_id = pb_utils.get_output_tensor_by_name(response, "engine_request_id")
+                if engine_id is not None:
+                    t.stop_engine_request(self.engine, t.text(engine_id.as_numpy().reshape(-1)[0]))
                 break
             if response.has_error():
                 raise _DownstreamError(response.error())

@@ -67,15 +67,5 @@ class TritonPythonModel:
     def _stop_engine(self, inputs: dict) -> None:
         """Free the engine's slot of a cancelled stream: the engine itself is never told."""
         engine_id = t.scalar(inputs, "ENGINE_REQUEST_ID", 0, t.text, "")
-        if not (engine_id and self.engine_model):
-            return
-        inputs = [
-            pb_utils.Tensor("input_ids", np.zeros((1, 1), dtype=np.int32)),
-            pb_utils.Tensor("input_lengths", np.ones((1, 1), dtype=np.int32)),
-            pb_utils.Tensor("request_output_len", np.ones((1, 1), dtype=np.int32)),
-            pb_utils.Tensor("stop", np.ones((1, 1), dtype=bool)),
-        ]
-        stop = pb_utils.InferenceRequest(model_name=self.engine_model, inputs=inputs, request_id=engine_id,
-                                         requested_output_names=[])
-        for _ in stop.exec(decoupled=True):  # the engine answers a stop with an empty final response
-            pass
+        if engine_id and self.engine_model:
+            t.stop_engine_request(self.engine_model, engine_id)

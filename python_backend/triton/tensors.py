@@ -139,6 +139,21 @@ def error_response(exc: BaseException) -> "pb_utils.InferenceResponse":
     return pb_utils.InferenceResponse(output_tensors=[], error=pb_utils.TritonError(str(exc), code))
 
 
+def stop_engine_request(engine_model: str, engine_request_id: str) -> None:
+    """Stop a running request of the engine model (tensorrtllm's `stop` input, naming it by its
+    `engine_request_id`), freeing its slot; returns once the engine has taken the stop."""
+    inputs = [
+        pb_utils.Tensor("input_ids", np.zeros((1, 1), dtype=np.int32)),
+        pb_utils.Tensor("input_lengths", np.ones((1, 1), dtype=np.int32)),
+        pb_utils.Tensor("request_output_len", np.ones((1, 1), dtype=np.int32)),
+        pb_utils.Tensor("stop", np.ones((1, 1), dtype=bool)),
+    ]
+    stop = pb_utils.InferenceRequest(model_name=engine_model, inputs=inputs, request_id=engine_request_id,
+                                     requested_output_names=[])
+    for _ in stop.exec(decoupled=True):  # the engine answers a stop with an empty final response
+        pass
+
+
 def string_tensor(name: str, values) -> "pb_utils.Tensor":
     return pb_utils.Tensor(name, np.array(values, dtype=object))
 
