@@ -125,7 +125,10 @@ def read_source(model_dir: str | Path) -> SourceCheckpoint:
     config_path = model_dir / "config.json"
     if not config_path.is_file():
         raise ConversionError(f"{model_dir} has no config.json: not a Hugging Face checkpoint directory")
-    config = json.loads(config_path.read_text())
+    try:
+        config = json.loads(config_path.read_text())
+    except ValueError as exc:
+        raise ConversionError(f"{config_path} is not valid JSON: {exc}") from None
     architectures = config.get("architectures") or []
     architecture = next((a for a in architectures if a in ARCHITECTURES), None)
     if architecture is None:
@@ -191,6 +194,14 @@ def _safetensors_header(path: Path) -> dict[str, Any]:
         except ValueError as exc:
             raise ConversionError(f"{path} is not a safetensors file: {exc}") from None
     header.pop("__metadata__", None)
+    data_bytes = path.stat().st_size - 8 - length
+    try:
+        end = max((int(entry["data_offsets"][1]) for entry in header.values()), default=0)
+    except (TypeError, KeyError, IndexError, ValueError):
+        raise ConversionError(f"{path} is not a safetensors file: its header has no valid data_offsets") from None
+    if end > data_bytes:
+        raise ConversionError(f"{path} is truncated: its header describes {end} bytes of tensors, the file holds "
+                              f"{max(data_bytes, 0)}")
     return header
 
 

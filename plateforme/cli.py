@@ -6,6 +6,7 @@ import json
 import os
 import signal
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -543,13 +544,27 @@ def main(argv: list[str] | None = None) -> int:
     from plateforme.clients.triton_client import EndpointError
     from plateforme.server import ServerError
 
+    # SIGTERM (a CI job cancelled, `timeout`, `docker stop`) unwinds as Ctrl-C does: partial outputs
+    # are removed and child processes (trtllm-build, tritonserver) stopped.
+    signals = []
+
+    def terminate(signum, frame):
+        signals.append(signum)
+        raise KeyboardInterrupt
+
+    handle_sigterm = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGTERM, terminate) if handle_sigterm else None
     try:
         return args.func(args)
-    except (CommandError, RepositoryError, ServerError, EndpointError, ValueError, FileNotFoundError) as exc:
+    except (CommandError, RepositoryError, ServerError, EndpointError, ValueError, OSError) as exc:
         print(f"plateforme {args.command}: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        return 130
+        print(f"plateforme {args.command}: interrupted", file=sys.stderr)
+        return 128 + (signals[-1] if signals else signal.SIGINT)
+    finally:
+        if handle_sigterm:
+            signal.signal(signal.SIGTERM, previous)
 
 
 if __name__ == "__main__":

@@ -86,6 +86,26 @@ def _stub_processes() -> set[int]:
     return pids
 
 
+def test_a_terminated_conversion_leaves_nothing_behind(tmp_path, smollm2_dir):
+    """SIGTERM (a cancelled CI job, `timeout`) unwinds as Ctrl-C does: the partial directory goes."""
+    out = tmp_path / "ckpt"
+    process = subprocess.Popen([sys.executable, "-m", "plateforme", "convert", str(smollm2_dir), str(out),
+                                "--dtype", "float32", "--quiet"], stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 120
+        while not list(tmp_path.glob(".ckpt.partial-*/rank0.safetensors")):  # writing the weights
+            assert process.poll() is None and time.monotonic() < deadline, "the conversion ended before it was stopped"
+            time.sleep(0.01)
+        process.terminate()
+        _, stderr = process.communicate(timeout=60)
+    finally:
+        if process.poll() is None:
+            process.kill()
+    assert process.returncode == 128 + signal.SIGTERM, stderr
+    assert "plateforme convert: interrupted" in stderr
+    assert list(tmp_path.iterdir()) == []
+
+
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
 def test_serve_stops_cleanly_on_signal(tmp_path, tiny_mistral_dir, sig):
     repo = tmp_path / "repo"

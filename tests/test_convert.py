@@ -223,6 +223,24 @@ def test_bad_checkpoints_are_refused_before_writing(tmp_path, tiny_mistral_dir, 
     assert not (tmp_path / "ckpt").exists()
 
 
+def test_truncated_weights_and_malformed_config_are_named(tmp_path, tiny_mistral_dir):
+    broken = edited_copy(tiny_mistral_dir, tmp_path / "broken", lambda t, d: None)
+    weights = broken / "model.safetensors"
+    names = list(load_file(weights))
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])  # a copy cut short
+    with pytest.raises(ConversionError, match=r"model.safetensors is not a readable safetensors file"):
+        convert_checkpoint(broken, tmp_path / "ckpt", progress=False)
+    # Named by an index, as the shards of a large checkpoint are: the header is read, then checked.
+    (broken / "model.safetensors.index.json").write_text(json.dumps(
+        {"weight_map": dict.fromkeys(names, "model.safetensors")}))
+    with pytest.raises(ConversionError, match=r"model.safetensors is truncated: its header describes \d+ bytes"):
+        convert_checkpoint(broken, tmp_path / "ckpt", progress=False)
+    (broken / "config.json").write_text('{"architectures": ["MistralForCausalLM"],')
+    with pytest.raises(ConversionError, match=r"config.json is not valid JSON"):
+        convert_checkpoint(broken, tmp_path / "ckpt", progress=False)
+    assert not (tmp_path / "ckpt").exists()
+
+
 def test_a_crash_leaves_no_checkpoint_behind(tmp_path, tiny_mistral_dir, monkeypatch):
     real = convert_module._read_chunks
     calls = []
@@ -255,6 +273,9 @@ def test_cli_convert(tmp_path, tiny_mixtral_dir, capsys):
                  "--quiet"]) == 2
     err = capsys.readouterr().err.strip()
     assert err == "plateforme convert: error: moe_tp_size (3) must divide tp_size (4)"
+    # An output where nobody may write (/proc, even for root): the system's error, without a traceback.
+    assert main(["convert", str(tiny_mixtral_dir), "/proc/plateforme-ckpt", "--quiet"]) == 2
+    assert capsys.readouterr().err.startswith("plateforme convert: error: [Errno")
 
 
 # -- memory stays bounded ---------------------------------------------------------------------

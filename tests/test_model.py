@@ -84,6 +84,8 @@ def test_args_from_older_and_llama_configs():
         ({"rope_parameters": {"rope_type": "llama3", "rope_theta": 5e5}}, "RoPE scaling 'llama3'"),
         ({"num_key_value_heads": 5}, "not a multiple"),
         ({"hidden_size": None}, "lacks 'hidden_size'"),
+        ({"num_attention_heads": "four"}, "num_attention_heads must be a positive integer, got 'four'"),
+        ({"num_hidden_layers": 0}, "num_hidden_layers must be a positive integer"),
         ({"hidden_act": "gelu"}, "hidden_act"),
         ({"attention_bias": True}, "attention_bias"),
     ],

@@ -62,10 +62,16 @@ class ModelArgs:
             )
         defaults = _ARCHITECTURES[arch]
 
-        def required(key: str) -> Any:
-            if cfg.get(key) is None:
-                raise ValueError(f"config.json of {arch} lacks {key!r}")
-            return cfg[key]
+        def size(key: str, default: int | None = None) -> int:
+            """A positive integer setting; required where there is no default."""
+            value = cfg.get(key)
+            if value is None:
+                if default is None:
+                    raise ValueError(f"config.json of {arch} lacks {key!r}")
+                return default
+            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+                raise ValueError(f"config.json of {arch}: {key} must be a positive integer, got {value!r}")
+            return value
 
         hidden_act = cfg.get("hidden_act") or "silu"
         if hidden_act != "silu":
@@ -74,26 +80,26 @@ class ModelArgs:
             if cfg.get(flag):
                 raise ValueError(f"unsupported {flag}=true: projections without bias only")
 
-        dim, n_heads = required("hidden_size"), required("num_attention_heads")
+        dim, n_heads = size("hidden_size"), size("num_attention_heads")
         moe = None
         if defaults["moe"]:
             moe = MoeArgs(
-                num_experts=required("num_local_experts"), num_experts_per_tok=required("num_experts_per_tok")
+                num_experts=size("num_local_experts"), num_experts_per_tok=size("num_experts_per_tok")
             )
         sliding_window = None
         if arch != "LlamaForCausalLM":
             sliding_window = cfg.get("sliding_window", defaults["sliding_window"])
         return cls(
-            vocab_size=required("vocab_size"),
+            vocab_size=size("vocab_size"),
             dim=dim,
-            n_layers=required("num_hidden_layers"),
+            n_layers=size("num_hidden_layers"),
             n_heads=n_heads,
-            n_kv_heads=cfg.get("num_key_value_heads") or n_heads,
-            head_dim=cfg.get("head_dim") or dim // n_heads,
-            hidden_dim=required("intermediate_size"),
+            n_kv_heads=size("num_key_value_heads", n_heads),
+            head_dim=size("head_dim", dim // n_heads),
+            hidden_dim=size("intermediate_size"),
             norm_eps=float(cfg.get("rms_norm_eps") or defaults["norm_eps"]),
             rope_theta=_rope_theta(cfg, defaults["rope_theta"]),
-            max_position_embeddings=required("max_position_embeddings"),
+            max_position_embeddings=size("max_position_embeddings"),
             sliding_window=sliding_window,
             tie_embeddings=bool(cfg.get("tie_word_embeddings", False)),
             moe=moe,

@@ -6,7 +6,7 @@ import re
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 
 from .args import ModelArgs
 from .transformer import Transformer
@@ -78,8 +78,13 @@ def checkpoint_files(model_dir: str | Path) -> dict[str, Path]:
         return files
     single = model_dir / SINGLE_FILE
     if single.is_file():
-        with safe_open(single, framework="pt") as f:
-            return {name: single for name in f.keys()}
+        try:
+            with safe_open(single, framework="pt") as f:
+                return {name: single for name in f.keys()}
+        except SafetensorError as exc:
+            raise ValueError(f"{single} is not a readable safetensors file ({exc})") from None
+    if any(model_dir.glob("pytorch_model*.bin")):
+        raise ValueError(f"{model_dir} holds PyTorch .bin weights, which are not read: save them as safetensors")
     raise ValueError(f"{model_dir} has neither {SINGLE_FILE} nor {INDEX_FILE}")
 
 
