@@ -5,6 +5,7 @@ import contextlib
 import os
 import shutil
 import tempfile
+import uuid
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 
@@ -60,10 +61,16 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> None:
     """Write a file through a temporary sibling and rename it into place."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    # Not mkstemp's 0600: a replaced file keeps its mode, a new one gets the umask's (a config.pbtxt
+    # must stay readable by a tritonserver running as another user).
+    mode = path.stat().st_mode & 0o7777 if path.exists() else 0o666
+    tmp = path.parent / f".{path.name}.{uuid.uuid4().hex[:12]}"
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
     try:
         with os.fdopen(fd, "wb") as handle:
             handle.write(data)
+        if path.exists():
+            os.chmod(tmp, mode)  # the umask may have taken bits away
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):

@@ -46,6 +46,7 @@ _PYTORCH_POSTPROCESSING_INPUT_MAP = (
 
 
 SEPARATE_PREFILL_CHOICES = ("auto", "true", "false")
+SCHEDULER_POLICIES = ("guaranteed_no_evict", "max_utilization")  # tensorrtllm's batch_scheduler_policy
 
 
 class RepositoryError(ValueError):
@@ -130,6 +131,23 @@ def _check_chat_model_dir(endpoint: ChatEndpoint) -> None:
             f"{endpoint.name}: separate_prefill must be one of {SEPARATE_PREFILL_CHOICES}, "
             f"got {endpoint.separate_prefill!r}"
         )
+    if endpoint.batch_scheduler_policy not in SCHEDULER_POLICIES:
+        raise RepositoryError(f"{endpoint.name}: batch_scheduler_policy must be one of {SCHEDULER_POLICIES}, "
+                              f"got {endpoint.batch_scheduler_policy!r}")
+    _check_minimums(endpoint, max_batch_size=1, max_num_tokens=1, default_max_tokens=1, instance_count=1,
+                    max_seq_len=0, max_queue_size=0, max_queue_delay_ms=0, num_threads=0, max_attention_window_size=0)
+    context = config.get("max_position_embeddings")
+    if endpoint.engine == "pytorch" and isinstance(context, int) and endpoint.max_seq_len > context:
+        raise RepositoryError(f"{endpoint.name}: max_seq_len {endpoint.max_seq_len} exceeds the model's context "
+                              f"of {context} tokens (max_position_embeddings)")
+
+
+def _check_minimums(endpoint, **minimums: int) -> None:
+    """Integer settings of an endpoint that must be at least the given values (0: none, or a default)."""
+    for name, minimum in minimums.items():
+        value = getattr(endpoint, name)
+        if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+            raise RepositoryError(f"{endpoint.name}: {name} must be an integer >= {minimum}, got {value!r}")
 
 
 def _check_onnx_embedder(endpoint: EmbeddingEndpoint) -> Path:
@@ -330,6 +348,7 @@ def render_repository(
     onnx_dirs: dict[str, Path] = {}
     for endpoint in embeddings:
         _check_name(endpoint.name)
+        _check_minimums(endpoint, max_batch_size=1, num_threads=0)
         if not (Path(endpoint.model_dir) / "config.json").is_file():
             raise RepositoryError(f"{endpoint.name}: {endpoint.model_dir} has no config.json")
         if endpoint.runtime not in EMBEDDING_RUNTIMES:

@@ -44,6 +44,8 @@ def _endpoint_pairs(values: list[str] | None, flag: str) -> dict[str, Path]:
         name, sep, path = value.partition("=")
         if not sep or not name or not path:
             raise CommandError(f"{flag} expects NAME=DIR, got {value!r}")
+        if name in pairs:
+            raise CommandError(f"{flag} {name} is given twice ({pairs[name]} and {path})")
         pairs[name] = Path(path).expanduser()
     return pairs
 

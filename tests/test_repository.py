@@ -35,6 +35,7 @@ def test_fill_template_rejects_unknown_keys_and_keeps_unset_placeholders():
 def test_fill_template_cli_in_place(tmp_path):
     template = tmp_path / "config.pbtxt"
     template.write_text((templates_root() / "preprocessing" / "config.pbtxt").read_text())
+    template.chmod(0o644)
     result = subprocess.run(
         [sys.executable, "-m", "plateforme.builders.fill_template", "-i", str(template),
          "model_name:pre,triton_max_batch_size:8,tokenizer_dir:/tok,preprocessing_instance_count:1"],
@@ -43,6 +44,7 @@ def test_fill_template_cli_in_place(tmp_path):
     assert result.returncode == 0, result.stderr
     text = template.read_text()
     assert 'name: "pre"' in text and "max_batch_size: 8" in text and 'string_value: "/tok"' in text
+    assert template.stat().st_mode & 0o777 == 0o644  # still readable by a server running as another user
 
 
 def test_render_repository_layout(tmp_path, tiny_mistral_dir, tiny_mixtral_dir):
@@ -102,11 +104,25 @@ def test_render_tensorrtllm_engine_variant(tmp_path, tiny_mistral_dir):
     (lambda d, t: ChatEndpoint("m", t), "no config.json"),
     (lambda d, t: ChatEndpoint("m", d, engine="tensorrtllm"), "engine directory"),
     (lambda d, t: ChatEndpoint("m", d, separate_prefill="yes"), "separate_prefill must be one of"),
+    (lambda d, t: ChatEndpoint("m", d, batch_scheduler_policy="fifo"), "batch_scheduler_policy must be one of"),
+    (lambda d, t: ChatEndpoint("m", d, max_batch_size=0), "max_batch_size must be an integer >= 1, got 0"),
+    (lambda d, t: ChatEndpoint("m", d, max_num_tokens=0), "max_num_tokens must be an integer >= 1"),
+    (lambda d, t: ChatEndpoint("m", d, max_seq_len=-5), "max_seq_len must be an integer >= 0, got -5"),
+    (lambda d, t: ChatEndpoint("m", d, max_seq_len=100000), "max_seq_len 100000 exceeds the model's context of 256"),
 ])
 def test_render_errors_are_clear(tmp_path, tiny_mistral_dir, make_endpoint, message):
     with pytest.raises(RepositoryError, match=message):
         render_repository(tmp_path / "repo", chat=[make_endpoint(tiny_mistral_dir, tmp_path)])
     assert not (tmp_path / "repo").exists()
+
+
+def test_cli_refuses_an_endpoint_named_twice(tmp_path, tiny_mistral_dir, tiny_mixtral_dir, capsys):
+    from plateforme.cli import main
+
+    args = ["repo", "--out", str(tmp_path / "repo"), "--endpoint", f"m={tiny_mistral_dir}",
+            "--endpoint", f"m={tiny_mixtral_dir}"]
+    assert main(args) == 2
+    assert "--endpoint m is given twice" in capsys.readouterr().err and not (tmp_path / "repo").exists()
 
 
 def test_failed_render_keeps_the_previous_repository(tmp_path, tiny_mistral_dir):

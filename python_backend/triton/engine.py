@@ -19,6 +19,7 @@ import numpy as np
 import torch
 import triton_python_backend_utils as pb_utils
 
+from plateforme.builders.repository import SCHEDULER_POLICIES
 from plateforme.python_backend.context import context_length
 from plateforme.python_backend.detokenization import STREAM_PREFIX_TOKENS
 from plateforme.python_backend.engine import Engine, StepOutput
@@ -28,8 +29,7 @@ from plateforme.python_backend.triton import tensors as t
 
 FINAL = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
 # Every sequence gets a whole KV cache slot before it starts, so no policy ever evicts: both of
-# tensorrtllm's policies are accepted and behave as guaranteed_no_evict.
-SCHEDULER_POLICIES = ("guaranteed_no_evict", "max_utilization")
+# tensorrtllm's policies (SCHEDULER_POLICIES) are accepted and behave as guaranteed_no_evict.
 # Asking Triton whether a client went away is an IPC round trip per request, so it is not done
 # every step (at 16 streams: 16 round trips a step, plus one per response sent). Streams cancelled
 # through the ensemble are stopped at once by a `stop` request; direct clients' disconnections are
