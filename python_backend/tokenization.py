@@ -37,6 +37,18 @@ class Tokenizer(ABC):
     def encode_stop_word(self, word: str) -> list[int]:
         """Ids of `word` as they appear in the middle of generated text (no BOS, no prefix space)."""
 
+    def word_spellings(self, word: str) -> list[list[int]]:
+        """The token sequences that spell `word` in generated text, as a stop or bad word: as it is
+        and, for a word that does not start with a space, after a space. Words are mostly tokens
+        with their leading space ("there" is " there" in "Hello there"), and users write them bare,
+        as Mistral's API matches `stop` against the text."""
+        spellings = [self.encode_stop_word(word)]
+        if not word[:1].isspace():
+            spaced = self.encode_stop_word(" " + word)
+            if spaced not in spellings:
+                spellings.append(spaced)
+        return spellings
+
     @abstractmethod
     def decode(self, ids: Sequence[int]) -> str:
         """Text of generated ids. Control tokens are rendered as their text; BOS, EOS and padding

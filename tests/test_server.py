@@ -128,6 +128,11 @@ def test_stop_words_end_generation_and_are_not_returned(server, smollm2):
     assert stopped[-1]["finish_reason"].reshape(-1)[0].decode() == "stop"
     assert full.startswith(text) and len(text) < len(full)
     assert full[len(text):].startswith(stop)  # cut right before the stop word, which is not returned
+    # Written bare, as users of Mistral's API write `stop`, the word still stops the answer there (or
+    # earlier, where its tokens occur without the space).
+    bare = grpc_stream(server, "smollm2", {**inputs, "stop_words": strings(stop.strip())})
+    assert bare[-1]["finish_reason"].reshape(-1)[0].decode() == "stop"
+    assert text.startswith(text_of(bare))
 
 
 def test_sampling_with_a_seed_is_reproducible(server):

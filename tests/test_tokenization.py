@@ -333,6 +333,14 @@ def test_control_token_stop_words(v3, tekken, smollm2):
     assert smollm2.encode_stop_word("<|im_end|>") == [2]
 
 
+def test_a_bare_stop_word_is_also_spelled_after_a_space(v3, tekken, smollm2):
+    for tok in (v3, tekken, smollm2):
+        spellings = tok.word_spellings("there")
+        assert spellings[0] == tok.encode_stop_word("there") and tok.decode(spellings[0]) == "there"
+        assert spellings[1:] == [tok.encode_stop_word(" there")] and spellings[1] != spellings[0]
+        assert tok.word_spellings(" there") == [tok.encode_stop_word(" there")]
+
+
 # --- decoding -----------------------------------------------------------------------------------
 
 

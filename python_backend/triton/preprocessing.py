@@ -37,8 +37,8 @@ class TritonPythonModel:
             ids.append(prompt)
             lengths.append(len(prompt))
             out_lens.append(max_tokens)
-            stops.append([self._word_ids(w, "stop") for w in t.strings(inputs, "STOP_WORDS_DICT", row)])
-            bads.append([self._word_ids(w, "bad") for w in t.strings(inputs, "BAD_WORDS_DICT", row)])
+            stops.append(self._word_lists(t.strings(inputs, "STOP_WORDS_DICT", row), "stop"))
+            bads.append(self._word_lists(t.strings(inputs, "BAD_WORDS_DICT", row), "bad"))
             end_ids.append(t.scalar(inputs, "END_ID", row, int, self.tokenizer.eos_id))
             pad_ids.append(t.scalar(inputs, "PAD_ID", row, int, self.tokenizer.pad_id))
         width = max(lengths)
@@ -83,11 +83,14 @@ class TritonPythonModel:
                 f"the prompt has {prompt_len} tokens but the model's context is {self.context} tokens"
             )
 
-    def _word_ids(self, word: str, kind: str) -> list[int]:
-        ids = self.tokenizer.encode_stop_word(word)
-        if not ids:
-            raise t.InputError(f"{kind} word {word!r} encodes to no tokens")
-        return ids
+    def _word_lists(self, words: list[str], kind: str) -> list[list[int]]:
+        lists = []
+        for word in words:
+            spellings = self.tokenizer.word_spellings(word)
+            if not all(spellings):
+                raise t.InputError(f"{kind} word {word!r} encodes to no tokens")
+            lists.extend(spellings)
+        return lists
 
 
 def _stack_word_lists(per_row: list[list[list[int]]]) -> np.ndarray:
