@@ -193,7 +193,7 @@ def create_app(config: GatewayConfig | None = None) -> FastAPI:
         if endpoint is None:
             raise ModelNotFoundError(f"model {name!r} is not served here; see GET /v1/models")
         if endpoint.kind != kind:
-            raise InvalidRequestError(f"model {name!r} is a {endpoint.kind} model, not a {kind} model")
+            raise InvalidRequestError(f"model {name!r} serves {endpoint.kind} requests, not {kind} requests")
         return endpoint
 
     @app.get("/health")

@@ -357,10 +357,12 @@ class Transport(_TransportSettings):
 
 
 def _http_error_message(body: bytes) -> str:
+    """The message of an error body: JSON, or an event stream's `data: {...}` (generate_stream)."""
+    text = body.decode(errors="replace").strip()
     try:
-        return json.loads(body).get("error") or body.decode(errors="replace")
+        return json.loads(text.removeprefix("data:")).get("error") or text
     except (ValueError, AttributeError):
-        return body.decode(errors="replace")
+        return text
 
 
 # -- asyncio transport ---------------------------------------------------------------------------

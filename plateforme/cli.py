@@ -295,10 +295,21 @@ def _demo_calls(server) -> None:
     print(f"[mistral-embed] cosine('{sentences[0]}', '{sentences[2]}') = {similarity[0, 2]:.3f}\n", flush=True)
 
 
+def _check_kind(client, model: str, kind: str) -> None:
+    """Refuse, before calling it, an endpoint of the other kind (Triton's own error names tensors)."""
+    from plateforme.clients.registry import Registry
+
+    endpoint = Registry(client.url, client.protocol).get(model)
+    if endpoint is not None and endpoint.kind != kind:
+        command = "embed" if endpoint.kind == "embedding" else "chat"
+        raise CommandError(f"{model} serves {endpoint.kind} requests, not {kind} requests: use plateforme {command}")
+
+
 def cmd_chat(args) -> int:
     from plateforme.clients.triton_client import GenerationParams, TritonEndpoints
 
     client = TritonEndpoints(args.url, protocol="http" if args.http else "grpc")
+    _check_kind(client, args.model, "chat")
     messages = ([{"role": "system", "content": args.system}] if args.system else []) + [
         {"role": "user", "content": args.prompt}
     ]
@@ -319,6 +330,7 @@ def cmd_embed(args) -> int:
     from plateforme.clients.triton_client import TritonEndpoints
 
     client = TritonEndpoints(args.url, protocol="http" if args.http else "grpc")
+    _check_kind(client, args.model, "embedding")
     vectors, counts = client.embed(args.model, args.texts)
     if args.json:
         print(json.dumps([{"index": i, "embedding": v.tolist(), "tokens": c}

@@ -73,6 +73,15 @@ def test_chat_error_from_the_server_is_reported(server):
     result = plateforme("chat", "hi", "--model", "smollm2", "--url", server.grpc_url, "--max-tokens", "0")
     assert result.returncode == 2
     assert "max_tokens" in result.stderr and "Traceback" not in result.stderr
+    over_http = plateforme("chat", "hi", "--model", "smollm2", "--url", server.http_url, "--http", "--max-tokens", "0")
+    assert over_http.returncode == 2 and "data:" not in over_http.stderr
+    assert over_http.stderr.startswith("plateforme chat: error: in ensemble 'smollm2', max_tokens must be")
+    # An endpoint of the other kind is named as such, before any call.
+    wrong = plateforme("chat", "hi", "--model", "mistral-embed", "--url", server.grpc_url)
+    assert wrong.returncode == 2
+    assert "mistral-embed serves embedding requests, not chat requests: use plateforme embed" in wrong.stderr
+    wrong = plateforme("embed", "hi", "--model", "mistral-tiny", "--url", server.grpc_url)
+    assert wrong.returncode == 2 and "mistral-tiny serves chat requests, not embedding requests" in wrong.stderr
 
 
 def _stub_processes() -> set[int]:
