@@ -50,6 +50,8 @@ class SamplingParams:
         _check_int("max_tokens", self.max_tokens, minimum=1)
         _check_int("top_k", self.top_k, minimum=0)
         _check_int("min_tokens", self.min_tokens, minimum=0)
+        if self.min_tokens > self.max_tokens:
+            raise ValueError(f"min_tokens ({self.min_tokens}) exceeds max_tokens ({self.max_tokens})")
         if self.seed is not None:
             _check_int("seed", self.seed, minimum=0)
             if self.seed >= 2**64:

@@ -240,15 +240,24 @@ def test_json_schema_through_the_bls(server):
     assert isinstance(value["adult"], bool) and value["mood"] in ("happy", "sad")
 
 
-@pytest.mark.parametrize("guide_type,guide", [("json_schema", "{not a schema"), ("regex", "(unclosed"),
-                                              ("xml", "")])
-def test_invalid_guides_are_client_errors(server, guide_type, guide):
+@pytest.mark.parametrize("guide_type,guide,message", [
+    ("json_schema", "{not a schema", "(?i)schema"), ("regex", "(unclosed", "(?i)regex"), ("xml", "", "(?i)type"),
+    ("", '{"type": "object"}', "guided_decoding_guide needs guided_decoding_guide_type"),
+])
+def test_invalid_guides_are_client_errors(server, guide_type, guide, message):
     from plateforme.clients.triton_client import EndpointError
 
     inputs = {"text_input": strings("hi"), "max_tokens": ints(8), "guided_decoding_guide_type": strings(guide_type),
               "guided_decoding_guide": strings(guide)}
-    with pytest.raises(EndpointError, match="(?i)guide|schema|regex|type"):
+    with pytest.raises(EndpointError, match=message):
         grpc_stream(server, "mistral-tiny", inputs)
+
+
+def test_min_tokens_beyond_max_tokens_is_a_client_error(server):
+    from plateforme.clients.triton_client import EndpointError
+
+    with pytest.raises(EndpointError, match=r"min_tokens \(9\) exceeds max_tokens \(8\)"):
+        grpc_stream(server, "mistral-tiny", {"text_input": strings("hi"), "max_tokens": ints(8), "min_tokens": ints(9)})
 
 
 def _by_sequence(responses, output):

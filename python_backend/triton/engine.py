@@ -221,8 +221,11 @@ class TritonPythonModel:
         if params.max_tokens is None:
             raise t.InputError("request_output_len (max_tokens) is required")
         guide_type = t.scalar(inputs, "guided_decoding_guide_type", 0, t.text, "")
+        guide = t.scalar(inputs, "guided_decoding_guide", 0, t.text, None)
+        if guide and not guide_type:
+            raise t.InputError("guided_decoding_guide needs guided_decoding_guide_type "
+                               "(json, json_schema, regex or ebnf_grammar)")
         if guide_type:
-            guide = t.scalar(inputs, "guided_decoding_guide", 0, t.text, None)
             budget = min(params.max_tokens, self.engine.max_seq_len - length)
             params.guide = self._guide_compiler().compile(guide_type, guide, max_tokens=max(budget, 2))
         parsed = _Request(
