@@ -89,7 +89,7 @@ class EmbeddingEndpoint:
 
     name: str
     model_dir: Path
-    max_batch_size: int = 32
+    max_batch_size: int = 512  # texts per request (Triton's max_batch_size); the embedder computes 32 at a time
     num_threads: int = 0
     runtime: str = "pytorch"
     onnx_path: Path | None = None

@@ -120,6 +120,17 @@ def test_models_health_and_metrics(http):
         in http.get("/metrics").text
 
 
+def test_many_and_long_embedding_inputs(http):
+    texts = [f"text number {i}" for i in range(100)] + ["word " * 2000]
+    response = http.post("/v1/embeddings", json={"model": "mistral-embed", "input": texts})
+    assert response.status_code == 200, response.text
+    assert [item["index"] for item in response.json()["data"]] == list(range(101))
+    single = http.post("/v1/embeddings", json={"model": "mistral-embed", "input": texts[7]}).json()
+    assert np.allclose(response.json()["data"][7]["embedding"], single["data"][0]["embedding"], atol=1e-5)
+    alone = http.post("/v1/embeddings", json={"model": "mistral-embed", "input": texts[-1]}).json()
+    assert alone["usage"]["prompt_tokens"] == 256  # truncated to the embedder's trained length
+
+
 def test_embeddings_base64_equals_float(http):
     body = {"model": "mistral-embed", "input": ["Paris is in France"]}
     floats = http.post("/v1/embeddings", json=body).json()
