@@ -123,6 +123,8 @@ def read_source(model_dir: str | Path) -> SourceCheckpoint:
 
     model_dir = Path(model_dir)
     config_path = model_dir / "config.json"
+    if not model_dir.is_dir():
+        raise ConversionError(f"{model_dir} does not exist or is not a directory")
     if not config_path.is_file():
         raise ConversionError(f"{model_dir} has no config.json: not a Hugging Face checkpoint directory")
     try:

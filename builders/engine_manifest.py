@@ -15,7 +15,6 @@ from __future__ import annotations
 import hashlib
 import importlib.metadata
 import json
-import os
 import re
 import shlex
 from dataclasses import asdict, dataclass
@@ -90,7 +89,6 @@ def checkpoint_digest(checkpoint_dir: str | Path) -> str:
 # -- checkpoint record ------------------------------------------------------------------------
 def _write_json(path: Path, data: dict[str, Any]) -> Path:
     atomic_write_text(path, json.dumps(data, indent=2) + "\n")
-    os.chmod(path, 0o644)  # the temporary file it was renamed from is private
     return path
 
 

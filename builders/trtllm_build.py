@@ -165,6 +165,8 @@ def trtllm_build_command(
         "--use_paged_context_fmha", _switch(profile.paged_context_fmha),
         "--remove_input_padding", _switch(profile.remove_input_padding),
     ]
+    if profile.moe_plugin == "custom" and not _is_moe(checkpoint):
+        raise BuildError(f"--moe-plugin custom is for MoE checkpoints; {checkpoint_dir} is a dense one")
     if _is_moe(checkpoint):
         if profile.moe_plugin == "custom":
             command += _custom_moe_args(checkpoint)
@@ -257,6 +259,17 @@ def _check_engine_dir(engine_dir: Path, inputs: list[Path]) -> None:
     check_replaceable(engine_dir, _holds_engine, "TensorRT-LLM engine", inputs, BuildError)
 
 
+def _check_recorded_sizes(checkpoint_dir: Path, record: dict) -> None:
+    """The files `plateforme convert` wrote are all there with their sizes (a cheap check of a copy)."""
+    for name, entry in (record.get("files") or {}).items():
+        path = checkpoint_dir / name
+        size = path.stat().st_size if path.is_file() else None
+        if isinstance(entry, dict) and entry.get("size") != size:
+            found = "is missing" if size is None else f"has {size} bytes"
+            raise BuildError(f"{path} {found}; plateforme convert wrote {entry.get('size')}: the checkpoint changed "
+                             "since it was converted, convert it again")
+
+
 def _holds_engine(directory: Path) -> bool:
     """A previous build: ours (with its manifest) or trtllm-build's own (its config and rank engines)."""
     return (directory / ENGINE_MANIFEST).is_file() or (
@@ -278,10 +291,11 @@ def build_engine(
     checkpoint = read_checkpoint_config(checkpoint_dir)
     command = trtllm_build_command(checkpoint_dir, engine_dir, profile, checkpoint)
     _check_engine_dir(engine_dir, [checkpoint_dir] + ([Path(tokenizer_dir)] if tokenizer_dir is not None else []))
+    record = read_checkpoint_record(checkpoint_dir) or {}
+    _check_recorded_sizes(checkpoint_dir, record)
     if dry_run:
         return BuildResult(command, engine_dir, None)
     toolchain = detect_toolchain()
-    record = read_checkpoint_record(checkpoint_dir) or {}
     if tokenizer_dir is not None:
         tokenizer = {"dir": str(Path(tokenizer_dir).absolute()), "digest": tokenizer_digest(tokenizer_dir)}
         if tokenizer["digest"] is None:

@@ -11,6 +11,7 @@ import importlib.util
 import json
 import os
 import shlex
+import shutil
 import subprocess
 import sys
 import textwrap
@@ -138,10 +139,13 @@ def test_custom_moe_plugin_uses_plateformes_model_class(mixtral_ckpt, mistral_ck
     tail = command[command.index("--remove_input_padding") + 2:]
     assert tail == moe_plugin.custom_moe_build_args("bfloat16")
     assert "--model_cls_file" in tail and "--model_cls_name" in tail
-    # A dense checkpoint has no MoE layers: no MoE flag at all.
-    dense = build_engine(mistral_ckpt, tmp_path / "engine", PROFILES["mistral-tiny"].with_overrides(
-        **SMALL, moe_plugin="custom"), dry_run=True).command
+    # A dense checkpoint has no MoE layers: no MoE flag at all, and asking for the custom plugin is a mistake.
+    dense = build_engine(mistral_ckpt, tmp_path / "engine", PROFILES["mistral-tiny"].with_overrides(**SMALL),
+                         dry_run=True).command
     assert "--moe_plugin" not in dense and "--model_cls_file" not in dense
+    with pytest.raises(BuildError, match="--moe-plugin custom is for MoE checkpoints; .* is a dense one"):
+        build_engine(mistral_ckpt, tmp_path / "engine", PROFILES["mistral-tiny"].with_overrides(
+            **SMALL, moe_plugin="custom"), dry_run=True)
 
 
 @pytest.mark.parametrize("overrides,message", [
@@ -170,6 +174,13 @@ def test_cli_dry_run_prints_the_command(mixtral_ckpt, tmp_path, capsys):
 def test_build_errors(tmp_path, mistral_ckpt, capsys):
     assert main(["build", str(tmp_path), str(tmp_path / "e"), "--dry-run"]) == 2
     assert "has no config.json: not a TensorRT-LLM checkpoint" in capsys.readouterr().err
+    # A rank file cut short since the conversion (a copy interrupted, say) is named.
+    copy = shutil.copytree(mistral_ckpt, tmp_path / "copy")
+    (copy / "rank0.safetensors").write_bytes((copy / "rank0.safetensors").read_bytes()[:100])
+    args = ["build", str(copy), str(tmp_path / "e"), "--max-input-len", "128", "--max-output-len", "64",
+            "--max-num-tokens", "256", "--dry-run"]
+    assert main(args) == 2
+    assert "rank0.safetensors has 100 bytes; plateforme convert wrote" in capsys.readouterr().err
 
 
 @pytest.mark.skipif(importlib.util.find_spec("tensorrt_llm") is not None, reason="TensorRT-LLM is installed")
