@@ -18,9 +18,9 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, PositiveInt, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from plateforme.builders.assets import ASSET_NAMES
 from plateforme.builders.mapping import Mapping, MappingError
@@ -32,6 +32,10 @@ HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
 class ManifestError(ValueError):
     """The manifest cannot be read or is invalid; the message lists every problem."""
+
+
+# A count: a YAML integer (`tp: true` or `tp: "2"` is refused, not read as 1 or 2).
+Count = Annotated[int, Field(strict=True, gt=0)]
 
 
 class _Strict(BaseModel):
@@ -76,10 +80,10 @@ class SourceSpec(_Strict):
 class MappingSpec(_Strict):
     """How the model is split over GPUs (TensorRT-LLM); the PyTorch engine runs on one device."""
 
-    tp: PositiveInt = 1
-    pp: PositiveInt = 1
-    moe_tp: PositiveInt | None = None
-    moe_ep: PositiveInt | None = None
+    tp: Count = 1
+    pp: Count = 1
+    moe_tp: Count | None = None
+    moe_ep: Count | None = None
 
     @model_validator(mode="after")
     def _consistent(self) -> MappingSpec:
@@ -97,12 +101,12 @@ class ProfileSpec(_Strict):
     """What the engine is built (TensorRT-LLM) or configured (PyTorch) for. Unset fields take the
     defaults of the endpoint's TensorRT-LLM build profile / the PyTorch engine's repository defaults."""
 
-    max_batch_size: PositiveInt | None = None
-    max_input_len: PositiveInt | None = None
-    max_seq_len: PositiveInt | None = None
-    max_num_tokens: PositiveInt | None = None
-    max_beam_width: PositiveInt | None = None
-    workers: PositiveInt | None = None
+    max_batch_size: Count | None = None
+    max_input_len: Count | None = None
+    max_seq_len: Count | None = None
+    max_num_tokens: Count | None = None
+    max_beam_width: Count | None = None
+    workers: Count | None = None
 
     @model_validator(mode="after")
     def _lengths(self) -> ProfileSpec:

@@ -278,6 +278,8 @@ def test_hub_source_without_hub_access_says_so(tmp_path, capsys, monkeypatch):
      "endpoint mistral-tiny: field source: give exactly one of asset, path, hub"),
     ({"source": "smollm2-mistral", "profile": {"max_batch_size": 0}},
      "endpoint mistral-tiny: field profile.max_batch_size: Input should be greater than 0"),
+    ({"source": "smollm2-mistral", "mapping": {"tp": True}},
+     "endpoint mistral-tiny: field mapping.tp: Input should be a valid integer"),
 ])
 def test_manifest_errors_name_the_endpoint_and_field(entry, message, tmp_path, capsys):
     manifest = write_manifest(tmp_path / "m.yaml", {"mistral-tiny": entry})
