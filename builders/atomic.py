@@ -47,7 +47,7 @@ def check_replaceable(out_dir: str | Path, holds_previous: Callable[[Path], bool
     for source in inputs:
         source = Path(source).resolve()
         if source == out or out in source.parents:
-            raise error(f"{out_dir} holds {source}, an input of this run; write to another directory")
+            raise error(f"writing {out_dir} would replace {source}, an input of this run; write to another directory")
     if not out.exists():
         return
     if not out.is_dir():

@@ -297,10 +297,10 @@ class _Authenticate:
 
 def _model_card(endpoint: Endpoint) -> dict:
     # `type` "base" (not a fine-tuned model): Mistral's SDK needs it to tell the two kinds of card apart.
-    return {"id": endpoint.id, "object": "model", "type": "base", "created": endpoint.created, "owned_by": "plateforme",
-            "root": endpoint.model, "capabilities": {"completion_chat": endpoint.kind == "chat",
-                                                     "function_calling": endpoint.kind == "chat",
-                                                     "embedding": endpoint.kind == "embedding"}}
+    chat = endpoint.kind == "chat"
+    return {"id": endpoint.id, "object": "model", "type": "base", "created": endpoint.created,
+            "owned_by": "plateforme", "root": endpoint.model,
+            "capabilities": {"completion_chat": chat, "function_calling": chat, "embedding": not chat}}
 
 
 def _message(message: Message) -> dict:

@@ -77,5 +77,5 @@ def test_an_earlier_output_or_an_empty_directory_is_replaceable(tmp_path):
     (earlier / "marker.json").write_text("{}")
     for directory in (earlier, empty, tmp_path / "new"):
         check_replaceable(directory, lambda d: (d / "marker.json").is_file(), "earlier output", [tmp_path / "input"])
-    with pytest.raises(ValueError, match="holds .*input, an input of this run"):
+    with pytest.raises(ValueError, match="would replace .*input, an input of this run"):
         check_replaceable(tmp_path, lambda d: True, "earlier output", [tmp_path / "input"])
