@@ -24,6 +24,8 @@ from typing import Any
 from plateforme.builders.atomic import atomic_write_text
 
 CHECKPOINT_RECORD = "plateforme-checkpoint.json"
+# Written by `plateforme repo` beside the models: what was rendered from where (and the MPI launch).
+RENDER_RECORD = "plateforme.json"
 ENGINE_MANIFEST = "plateforme-engine.json"
 ENGINE_CONFIG = "config.json"  # written by trtllm-build
 FORMAT_VERSION = 1
@@ -310,7 +312,7 @@ def check_engine(
 def check_repository_engines(repository: str | Path, trtllm_version: str | None = None) -> list[EngineFacts]:
     """Serve-time check of every TensorRT-LLM endpoint of a rendered repository against the
     TensorRT-LLM installed here (or `trtllm_version`)."""
-    path = Path(repository) / "plateforme.json"
+    path = Path(repository) / RENDER_RECORD
     if not path.is_file():
         return []  # not rendered by plateforme: nothing recorded to check
     manifest = json.loads(path.read_text())

@@ -19,6 +19,7 @@ from importlib import resources
 from pathlib import Path
 
 from plateforme.builders import engine_manifest
+from plateforme.builders.engine_manifest import RENDER_RECORD
 from plateforme.builders.atomic import atomic_directory, check_replaceable
 from plateforme.builders.fill_template import fill_template
 
@@ -170,8 +171,8 @@ def _check_onnx_embedder(endpoint: EmbeddingEndpoint) -> Path:
 
 
 def _holds_repository(directory: Path) -> bool:
-    """A Triton model repository (a previous render, say): every entry a model with its config.pbtxt."""
-    entries = [path for path in directory.iterdir() if not path.name.startswith(".")]
+    """A previous render, or another Triton model repository: every entry a model with its config.pbtxt."""
+    entries = [path for path in directory.iterdir() if not path.name.startswith(".") and path.name != RENDER_RECORD]
     return bool(entries) and all((path / "config.pbtxt").is_file() for path in entries)
 
 
@@ -390,5 +391,5 @@ def render_repository(
                                           tensorrt_llm_version=facts.tensorrt_llm_version)
         if world_sizes and max(world_sizes) > 1:
             manifest["launch"] = launch_command(out_dir, max(world_sizes), [f"{n}-engine" for n in engines])
-        (tmp / "plateforme.json").write_text(json.dumps(manifest, indent=2) + "\n")
+        (tmp / RENDER_RECORD).write_text(json.dumps(manifest, indent=2) + "\n")
     return Path(out_dir)

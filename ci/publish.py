@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from plateforme.builders.atomic import atomic_directory
-from plateforme.builders.engine_manifest import sha256_file
+from plateforme.builders.engine_manifest import RENDER_RECORD, sha256_file
 
 SUMS_FILE = "SHA256SUMS"
 RUN_FILE = "pipeline.json"
@@ -45,7 +45,7 @@ def link_tree(source: Path, target: Path) -> None:
 
 def _point_at(repository: Path, old: str, new: str) -> None:
     """Replace the temporary tree's path by the final one in the rendered configs."""
-    for path in [*repository.rglob("config.pbtxt"), repository / "plateforme.json"]:
+    for path in [*repository.rglob("config.pbtxt"), repository / RENDER_RECORD]:
         if path.is_file():
             text = path.read_text()
             if old in text:

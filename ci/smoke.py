@@ -21,10 +21,11 @@ def _server(config):
     engines span several GPUs (the launch `plateforme repo` records in plateforme.json)."""
     import json
 
+    from plateforme.builders.engine_manifest import RENDER_RECORD
     from plateforme.builders.repository import launch_command
     from plateforme.server import TritonServer
 
-    rendered = json.loads((Path(config.model_repository) / "plateforme.json").read_text())
+    rendered = json.loads((Path(config.model_repository) / RENDER_RECORD).read_text())
     if "launch" not in rendered:
         return TritonServer(config)
     world_size = max(e.get("world_size", 1) for e in rendered["chat"].values())

@@ -96,6 +96,7 @@ def _render(args, chat, embeddings) -> Path:
 
 
 def cmd_repo(args) -> int:
+    from plateforme.builders.engine_manifest import RENDER_RECORD
     from plateforme.builders.repository import ChatEndpoint, EmbeddingEndpoint
 
     chat_dirs = _endpoint_pairs(args.endpoint, "--endpoint")
@@ -128,7 +129,7 @@ def cmd_repo(args) -> int:
         print(f"  chat       {endpoint.name:<16} {endpoint.engine:<12} {endpoint.model_dir}")
     for endpoint in embeddings:
         print(f"  embedding  {endpoint.name:<16} {'pytorch':<12} {endpoint.model_dir}")
-    launch = json.loads((out / "plateforme.json").read_text()).get("launch")
+    launch = json.loads((out / RENDER_RECORD).read_text()).get("launch")
     if launch:
         import shlex
 

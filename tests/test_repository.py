@@ -125,6 +125,14 @@ def test_cli_refuses_an_endpoint_named_twice(tmp_path, tiny_mistral_dir, tiny_mi
     assert "--endpoint m is given twice" in capsys.readouterr().err and not (tmp_path / "repo").exists()
 
 
+def test_a_repository_renders_again_in_place(tmp_path, tiny_mistral_dir, tiny_mixtral_dir):
+    out = render_repository(tmp_path / "repo", chat=[ChatEndpoint("mistral-tiny", tiny_mistral_dir)])
+    render_repository(out, chat=[ChatEndpoint("mistral-small", tiny_mixtral_dir)])
+    assert sorted(p.name for p in out.iterdir()) == sorted(
+        ["plateforme.json"] + [f"mistral-small{part}" for part in ("", "-preprocessing", "-engine", "-postprocessing",
+                                                                   "-bls")])
+
+
 def test_failed_render_keeps_the_previous_repository(tmp_path, tiny_mistral_dir):
     out = render_repository(tmp_path / "repo", chat=[ChatEndpoint("mistral-tiny", tiny_mistral_dir)])
     before = sorted(p.name for p in out.iterdir())
