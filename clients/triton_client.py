@@ -73,17 +73,25 @@ def classify(error) -> PlateformeError:
     status = str(status or "")
     if "DEADLINE" in status:
         return AnswerTimeoutError(message or "no answer within the timeout")
-    if "UNAVAILABLE" in status or "unavailable" in message.lower():
+    if "UNAVAILABLE" in status:
         return ServerUnavailableError(message or f"Triton is unavailable ({status})")
     if "NOT_FOUND" in status or re.search(r"unknown model|not found", message or "", re.I):
         return ModelNotFoundError(message)
-    return InvalidRequestError(message)
+    return _by_message(message)
 
 
 def _by_status(code: int, message: str) -> PlateformeError:
     if code == 404:
         return ModelNotFoundError(message)
     if code in (502, 503, 504):
+        return ServerUnavailableError(message)
+    return _by_message(message)
+
+
+def _by_message(message: str) -> PlateformeError:
+    """An error without a usable status: a busy engine's response, whose code the python backend
+    and streamed responses do not carry (Triton answers it as 400), says "unavailable"."""
+    if "unavailable" in message.lower():
         return ServerUnavailableError(message)
     return InvalidRequestError(message)
 
@@ -348,7 +356,7 @@ class Transport(_TransportSettings):
                     if line.startswith(b"data:"):
                         payload = json.loads(line[5:])
                         if "error" in payload:
-                            raise InvalidRequestError(payload["error"])
+                            raise _by_message(payload["error"])
                         yield _chunk_from_json(payload)
         except urllib.error.HTTPError as exc:
             raise _by_status(exc.code, _http_error_message(exc.read())) from None
@@ -655,7 +663,7 @@ class AsyncTransport(_TransportSettings):
                     if line.startswith(b"data:"):
                         payload = json.loads(line[5:])
                         if "error" in payload:
-                            raise InvalidRequestError(payload["error"])
+                            raise _by_message(payload["error"])
                         yield _chunk_from_json(payload)
         except (aiohttp.ClientConnectionError, asyncio.TimeoutError) as exc:
             raise ServerUnavailableError(f"Triton at {self.url} is unreachable: {exc!r}") from None

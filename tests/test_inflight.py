@@ -94,12 +94,12 @@ def _wait_for_metric(server, name, model, value, timeout=30.0):
 UPSTREAM_CANCEL_ABORT = "ASSERTION FAILED: prior > 0"
 
 
-def _server_of_its_own(directory, checkpoint):
+def _server_of_its_own(directory, checkpoint, **settings):
     from plateforme.builders.repository import ChatEndpoint, render_repository
     from plateforme.server import ServerConfig, TritonServer, free_port
 
     repository = render_repository(directory / "models", chat=[
-        ChatEndpoint("mistral-tiny", checkpoint, dtype="float32", max_batch_size=16)])
+        ChatEndpoint("mistral-tiny", checkpoint, dtype="float32", **{"max_batch_size": 16, **settings})])
     return TritonServer(ServerConfig(repository, http_port=free_port(), grpc_port=free_port(),
                                      metrics_port=free_port(), log_file=directory / "tritonserver.log"))
 
@@ -148,6 +148,30 @@ def _cancel_twenty_streams(server, model):
     _wait_for_metric(server, "plateforme_engine_active_sequences", "mistral-tiny-engine", 0)
     generated = metric(server, "plateforme_engine_generated_tokens_total", "mistral-tiny-engine") - generated
     assert generated < 115, f"{generated} of 230 tokens generated after the stream was cancelled"
+
+
+def test_a_request_beyond_the_queue_fails_as_unavailable(tmp_path, smollm2_dir):
+    """One slot and one queue place: a third request is refused at once, as a busy server (503, to
+    retry later), by every client; the other two are served. (SmolLM2: slow enough, and with
+    context enough, that the first request is still running at the end.)"""
+    from plateforme.clients.triton_client import ServerUnavailableError, TritonEndpoints
+
+    with _server_of_its_own(tmp_path, smollm2_dir, max_batch_size=1, max_queue_size=1) as server:
+        [(running, responses)] = _start_streams(server, 1, max_tokens=3000)
+        assert responses.get(timeout=120)[1] is None
+        [(queued, queued_responses)] = _start_streams(server, 1, max_tokens=4)
+        _wait_for_metric(server, "plateforme_engine_queued_requests", "mistral-tiny-engine", 1)
+        for url, protocol in ((server.grpc_url, "grpc"), (server.http_url, "http")):
+            client = TritonEndpoints(url, protocol)
+            client.transport.retries = 0
+            with pytest.raises(ServerUnavailableError, match="unavailable, retry later: the engine is busy"):
+                client.complete("mistral-tiny", prompt="hello")
+        # Once the first one is cancelled, the queued one is served.
+        running.stop_stream(cancel_requests=True)
+        running.close()
+        assert queued_responses.get(timeout=120)[1] is None
+        queued.close()
+        _wait_for_metric(server, "plateforme_engine_active_sequences", "mistral-tiny-engine", 0)
 
 
 def test_stop_input_cancels_a_running_request(server):

@@ -129,14 +129,17 @@ def parse_word_list(array: np.ndarray | None) -> list[list[int]]:
 
 
 def error_response(exc: BaseException) -> "pb_utils.InferenceResponse":
-    """Client mistakes (ValueError) -> INVALID_ARG (HTTP 400); a busy engine -> UNAVAILABLE (503)."""
+    """Client mistakes (ValueError) -> INVALID_ARG; a busy engine -> UNAVAILABLE, and said in the
+    message: the code is lost on a decoupled model's responses (Triton answers 400), and plateforme's
+    clients and gateway read "unavailable" in the message as 503, to retry later."""
+    message = str(exc)
     if isinstance(exc, ValueError):
         code = pb_utils.TritonError.INVALID_ARG
     elif isinstance(exc, EngineBusy):
-        code = pb_utils.TritonError.UNAVAILABLE
+        code, message = pb_utils.TritonError.UNAVAILABLE, f"unavailable, retry later: {exc}"
     else:
         code = pb_utils.TritonError.INTERNAL
-    return pb_utils.InferenceResponse(output_tensors=[], error=pb_utils.TritonError(str(exc), code))
+    return pb_utils.InferenceResponse(output_tensors=[], error=pb_utils.TritonError(message, code))
 
 
 def stop_engine_request(engine_model: str, engine_request_id: str) -> None:
