@@ -8,6 +8,7 @@ unreachable or overloaded.
 """
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
 import os
@@ -32,6 +33,8 @@ from plateforme.clients.sdk import (
 from plateforme.clients.triton_client import DEFAULT_GRPC_URL
 
 DEFAULT_PORT = 8080
+# nginx's status for a request whose client closed the connection before the answer.
+CLIENT_CLOSED = 499
 
 
 # -- request bodies --------------------------------------------------------------------------
@@ -224,7 +227,7 @@ def create_app(config: GatewayConfig | None = None) -> FastAPI:
         return endpoint
 
     @app.post("/v1/chat/completions")
-    async def chat_completions(body: ChatCompletionRequest):
+    async def chat_completions(body: ChatCompletionRequest, request: Request):
         start = time.perf_counter()
         endpoint = await lookup(body.model, "chat")
         plan = plan_chat(
@@ -239,11 +242,15 @@ def create_app(config: GatewayConfig | None = None) -> FastAPI:
         )
         inputs = plan.tensors(stream=body.stream)
         if not body.stream:
+            answer = asyncio.ensure_future(transport.complete(endpoint.model, inputs, stop_model=endpoint.engine_model))
             try:
-                chunk = await transport.complete(endpoint.model, inputs)
+                chunk = await _unless_disconnected(request, answer)
             except PlateformeError as exc:
                 metrics.requests.labels("chat", body.model, str(exc.status_code)).inc()
                 raise
+            if chunk is None:  # the client went away: its request was stopped, nobody reads an answer
+                metrics.requests.labels("chat", body.model, str(CLIENT_CLOSED)).inc()
+                return Response(status_code=CLIENT_CLOSED)
             response = completion_response(body.model, plan, chunk)
             _count(metrics, "chat", body.model, response.usage, start)
             return Response(response.model_dump_json(), media_type="application/json")
@@ -277,6 +284,21 @@ def create_app(config: GatewayConfig | None = None) -> FastAPI:
         return Response(response.model_dump_json(), media_type="application/json")
 
     return app
+
+
+async def _unless_disconnected(request: Request, answer: asyncio.Future, poll_s: float = 0.2):
+    """The answer's result, or None if the client disconnects first: the answer is then cancelled,
+    which stops its request in Triton. (A streamed answer notices when it next writes; a whole
+    one would run to its end, holding a KV cache slot, for nobody.)"""
+    while True:
+        done, _ = await asyncio.wait({answer}, timeout=poll_s)
+        if done:
+            return answer.result()
+        if await request.is_disconnected():
+            answer.cancel()
+            with contextlib.suppress(asyncio.CancelledError, PlateformeError):
+                await answer
+            return None
 
 
 class _Authenticate:
@@ -336,7 +358,7 @@ async def _sse(events: AsyncIterator, metrics: _Metrics, model: str) -> AsyncIte
             yield f"data: {json.dumps(error_body(exc.status_code, exc.message))}\n\n".encode()
         yield b"data: [DONE]\n\n"
     except BaseException:
-        status = "499"  # the client went away
+        status = str(CLIENT_CLOSED)  # the client went away
         raise
     finally:
         await events.aclose()

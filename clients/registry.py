@@ -24,6 +24,11 @@ class Endpoint:
     kind: Literal["chat", "embedding"]
     created: int = 0
 
+    @property
+    def engine_model(self) -> str | None:
+        """The engine model of a chat endpoint's ensemble (the one that takes tensorrtllm's `stop`)."""
+        return f"{self.model}-engine" if self.kind == "chat" else None
+
 
 @dataclass
 class Registry:

@@ -374,12 +374,12 @@ def _http_error_message(body: bytes) -> str:
 
 
 # -- asyncio transport ---------------------------------------------------------------------------
-def _infer_request(model: str, inputs: Tensors, streamed: bool):
+def _infer_request(model: str, inputs: Tensors, streamed: bool, request_id: str | None = None):
     """A ModelInferRequest of Triton's gRPC service (what tritonclient builds, without its wrappers)."""
     from tritonclient.grpc import service_pb2
     from tritonclient.utils import serialize_byte_tensor
 
-    request = service_pb2.ModelInferRequest(model_name=model, id=uuid.uuid4().hex)
+    request = service_pb2.ModelInferRequest(model_name=model, id=request_id or uuid.uuid4().hex)
     for name, (array, datatype) in inputs.items():
         tensor = request.inputs.add()
         tensor.name, tensor.datatype = name, datatype
@@ -469,7 +469,8 @@ class _SharedStream:
         for answer in self._pending.values():
             answer.put_nowait(error)
 
-    async def request(self, model: str, inputs: Tensors, timeout: float) -> list[GenerationChunk]:
+    async def request(self, model: str, inputs: Tensors, timeout: float,
+                      request_id: str | None = None) -> list[GenerationChunk]:
         """Every chunk of one request, up to its final response."""
         import grpc
 
@@ -478,7 +479,7 @@ class _SharedStream:
         if self._idle_timer is not None:
             self._idle_timer.cancel()
             self._idle_timer = None
-        request = _infer_request(model, inputs, streamed=True)
+        request = _infer_request(model, inputs, streamed=True, request_id=request_id)
         answer: asyncio.Queue = asyncio.Queue()
         self._pending[request.id] = answer
         chunks = []
@@ -525,6 +526,7 @@ class AsyncTransport(_TransportSettings):
         super().__init__(*args, **kwargs)
         self._loop = None
         self._channel = self._stub = self._session = self._shared = None
+        self._stopping: set[asyncio.Future] = set()
 
     def _connect(self):
         loop = asyncio.get_running_loop()
@@ -566,8 +568,10 @@ class AsyncTransport(_TransportSettings):
                 await chunks.aclose()
             await asyncio.sleep(self._retry_delay(attempt))
 
-    async def complete(self, model: str, inputs: Tensors) -> GenerationChunk:
-        """The whole answer of one request; retried while the server is unavailable."""
+    async def complete(self, model: str, inputs: Tensors, stop_model: str | None = None) -> GenerationChunk:
+        """The whole answer of one request; retried while the server is unavailable. Over gRPC, a
+        call cancelled or timed out stops the request in `stop_model` (the endpoint's engine model),
+        which a request on the shared stream needs: it cannot be cancelled alone."""
         if self.protocol != "grpc":
             return join_chunks([chunk async for chunk in self.generate(model, inputs, stream=False)])
 
@@ -575,9 +579,35 @@ class AsyncTransport(_TransportSettings):
             stub = self._connect()
             if self._shared is None or self._shared.broken is not None:
                 self._shared = _SharedStream(stub, self.url)
-            return join_chunks(await self._shared.request(model, inputs, self.timeout))
+            request_id = uuid.uuid4().hex
+            try:
+                return join_chunks(await self._shared.request(model, inputs, self.timeout, request_id))
+            except (asyncio.CancelledError, AnswerTimeoutError):
+                if stop_model:
+                    stopping = asyncio.ensure_future(self.stop(stop_model, request_id))
+                    self._stopping.add(stopping)  # held until done: tasks are weakly referenced
+                    stopping.add_done_callback(self._stopping.discard)
+                raise
 
         return await self._retried(on_shared_stream)
+
+    async def stop(self, engine_model: str, request_id: str) -> None:
+        """tensorrtllm's `stop` input: ends the running request `request_id` of `engine_model` (gRPC)."""
+        import grpc
+
+        ones = np.ones((1, 1), dtype=np.int32)
+        inputs = {"input_ids": (ones, "INT32"), "input_lengths": (ones, "INT32"), "request_output_len": (ones, "INT32"),
+                  "stop": (np.ones((1, 1), dtype=bool), "BOOL")}
+        call = self._connect().ModelStreamInfer()
+        try:
+            async with asyncio.timeout(self.timeout):
+                await call.write(_infer_request(engine_model, inputs, streamed=True, request_id=request_id))
+                await call.done_writing()
+                await call.read()  # the engine answers a stop with an empty final response
+        except (grpc.RpcError, TimeoutError):
+            pass  # best effort: the request then runs to its end
+        finally:
+            call.cancel()
 
     async def embed(self, model: str, texts: list[str]) -> tuple[np.ndarray, list[int]]:
         if not texts:

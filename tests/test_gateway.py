@@ -250,6 +250,23 @@ def test_client_leaving_a_stream_cancels_it_in_triton(server, http):
     assert 'plateforme_gateway_requests_total{model="mistral-tiny",route="chat",status="499"}' in metrics
 
 
+def test_client_leaving_a_whole_answer_stops_it_in_triton(server, http):
+    """Not streamed: the gateway notices the disconnection while it waits, and stops the request."""
+    from test_sdk import wait_for_idle_engine
+    from triton_helpers import metric
+
+    def generated():
+        return metric(server, "plateforme_engine_generated_tokens_total", "smollm2-engine")
+
+    before = generated()
+    body = {"model": "smollm2", "messages": [{"role": "user", "content": "Tell a long story."}], "max_tokens": 1500,
+            "stream": False}
+    with httpx.Client(base_url=str(http.base_url), timeout=1.5) as client, pytest.raises(httpx.ReadTimeout):
+        client.post("/v1/chat/completions", json=body)  # gives up after 1.5 s and closes its connection
+    wait_for_idle_engine(server, "smollm2-engine")
+    assert generated() - before < 750, f"{generated() - before} of 1500 tokens generated for a client that left"
+
+
 # -- fuzz and load ---------------------------------------------------------------------------
 _json = st.recursive(st.none() | st.booleans() | st.integers(-2**70, 2**70) | st.floats(allow_nan=False, allow_infinity=False)
                      | st.text(max_size=8), lambda inner: st.lists(inner, max_size=3)
