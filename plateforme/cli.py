@@ -296,28 +296,32 @@ def _demo_calls(server) -> None:
     print(f"[mistral-embed] cosine('{sentences[0]}', '{sentences[2]}') = {similarity[0, 2]:.3f}\n", flush=True)
 
 
-def _check_kind(client, model: str, kind: str) -> None:
-    """Refuse, before calling it, an endpoint of the other kind (Triton's own error names tensors)."""
+def _resolve(client, model: str, kind: str) -> str:
+    """The Triton model behind `model` (an endpoint, or an alias such as open-mistral-7b); an
+    endpoint of the other kind is refused before the call (Triton's own error names tensors)."""
     from plateforme.clients.registry import Registry
 
     endpoint = Registry(client.url, client.protocol).get(model)
-    if endpoint is not None and endpoint.kind != kind:
+    if endpoint is None:
+        return model  # not discovered as an endpoint: Triton says what it makes of it
+    if endpoint.kind != kind:
         command = "embed" if endpoint.kind == "embedding" else "chat"
         raise CommandError(f"{model} serves {endpoint.kind} requests, not {kind} requests: use plateforme {command}")
+    return endpoint.model
 
 
 def cmd_chat(args) -> int:
     from plateforme.clients.triton_client import GenerationParams, TritonEndpoints
 
     client = TritonEndpoints(args.url, protocol="http" if args.http else "grpc")
-    _check_kind(client, args.model, "chat")
+    model = _resolve(client, args.model, "chat")
     messages = ([{"role": "system", "content": args.system}] if args.system else []) + [
         {"role": "user", "content": args.prompt}
     ]
     params = GenerationParams(max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p,
                               seed=args.seed, stop=args.stop)
     last = None
-    for chunk in client.generate(args.model, messages=messages, params=params, stream=not args.no_stream):
+    for chunk in client.generate(model, messages=messages, params=params, stream=not args.no_stream):
         print(chunk.text, end="", flush=True)
         last = chunk
     print()
@@ -331,8 +335,7 @@ def cmd_embed(args) -> int:
     from plateforme.clients.triton_client import TritonEndpoints
 
     client = TritonEndpoints(args.url, protocol="http" if args.http else "grpc")
-    _check_kind(client, args.model, "embedding")
-    vectors, counts = client.embed(args.model, args.texts)
+    vectors, counts = client.embed(_resolve(client, args.model, "embedding"), args.texts)
     if args.json:
         print(json.dumps([{"index": i, "embedding": v.tolist(), "tokens": c}
                           for i, (v, c) in enumerate(zip(vectors, counts))]))

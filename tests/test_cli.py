@@ -82,6 +82,9 @@ def test_chat_error_from_the_server_is_reported(server):
     assert "mistral-embed serves embedding requests, not chat requests: use plateforme embed" in wrong.stderr
     wrong = plateforme("embed", "hi", "--model", "mistral-tiny", "--url", server.grpc_url)
     assert wrong.returncode == 2 and "mistral-tiny serves chat requests, not embedding requests" in wrong.stderr
+    # La Plateforme's later names are aliases of the served endpoints.
+    alias = plateforme("chat", "hi", "--model", "open-mistral-7b", "--url", server.grpc_url, "--max-tokens", "3")
+    assert alias.returncode == 0, alias.stderr
 
 
 def _stub_processes() -> set[int]:
