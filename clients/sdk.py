@@ -171,6 +171,8 @@ def plan_chat(
     tools = [_plain(t) for t in tools] if tools else None
     allowed = tools
     forced = False
+    if tool_choice is not None and not tools and _plain(tool_choice) not in ("none", "auto"):
+        raise InvalidRequestError(f"tool_choice {_plain(tool_choice)!r} forces a tool call, but no tools are given")
     if tool_choice is not None and tools:
         choice = _plain(tool_choice)
         if choice == "none":

@@ -63,6 +63,8 @@ def test_plan_maps_mistral_arguments_onto_ensemble_inputs():
     forced = plan_chat(QUESTION, tools=[WEATHER_TOOL], tool_choice={"type": "function", "function": {"name": "get_weather"}})
     assert forced.forced_tool_call and forced.guide_type == "json_schema"
     assert json.loads(forced.guide)["items"]["properties"]["name"] == {"const": "get_weather"}
+    with pytest.raises(InvalidRequestError, match="forces a tool call, but no tools are given"):
+        plan_chat(QUESTION, tool_choice="any")
     with pytest.raises(InvalidRequestError, match="not among the tools"):
         plan_chat(QUESTION, tools=[WEATHER_TOOL], tool_choice={"type": "function", "function": {"name": "nope"}})
     schema = {"type": "object", "properties": {"ok": {"type": "boolean"}}}
