@@ -35,6 +35,8 @@ from plateforme.clients.triton_client import DEFAULT_GRPC_URL
 DEFAULT_PORT = 8080
 # nginx's status for a request whose client closed the connection before the answer.
 CLIENT_CLOSED = 499
+# The counted routes, by path (the `route` label of plateforme_gateway_requests_total).
+_ROUTES = {"/v1/chat/completions": "chat", "/v1/embeddings": "embeddings"}
 
 
 # -- request bodies --------------------------------------------------------------------------
@@ -177,18 +179,26 @@ def create_app(config: GatewayConfig | None = None) -> FastAPI:
         # A plain ASGI middleware: Starlette's BaseHTTPMiddleware costs a task and a stream per request.
         app.add_middleware(_Authenticate, keys=config.api_keys, open_paths=open_paths)
 
+    def refused(request: Request, status: int, message: str, model: str | None = None) -> Response:
+        """An error answer, counted as the routes count theirs (the model: as the route read it)."""
+        route = _ROUTES.get(request.url.path)
+        if route is not None:
+            metrics.requests.labels(route, model or getattr(request.state, "model", ""), str(status)).inc()
+        return error_response(status, message)
+
     @app.exception_handler(RequestValidationError)
     async def invalid_body(request: Request, exc: RequestValidationError):
         problems = "; ".join(f"{'.'.join(str(p) for p in e['loc'] if p != 'body')}: {e['msg']}" for e in exc.errors())
-        return error_response(422, f"invalid request: {problems}")
+        model = exc.body.get("model") if isinstance(exc.body, dict) else None
+        return refused(request, 422, f"invalid request: {problems}", model if isinstance(model, str) else None)
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, exc: StarletteHTTPException):
-        return error_response(exc.status_code, str(exc.detail))
+        return refused(request, exc.status_code, str(exc.detail))
 
     @app.exception_handler(PlateformeError)
     async def endpoint_error(request: Request, exc: PlateformeError):
-        return error_response(exc.status_code, exc.message)
+        return refused(request, exc.status_code, exc.message)
 
     async def lookup(name: str, kind: str) -> Endpoint:
         # Known and fresh: no thread hop; otherwise the registry asks Triton (blocking) in a thread.
@@ -229,6 +239,7 @@ def create_app(config: GatewayConfig | None = None) -> FastAPI:
     @app.post("/v1/chat/completions")
     async def chat_completions(body: ChatCompletionRequest, request: Request):
         start = time.perf_counter()
+        request.state.model = body.model
         endpoint = await lookup(body.model, "chat")
         plan = plan_chat(
             [_message(m) for m in body.messages], temperature=body.temperature, top_p=body.top_p,
@@ -243,11 +254,7 @@ def create_app(config: GatewayConfig | None = None) -> FastAPI:
         inputs = plan.tensors(stream=body.stream)
         if not body.stream:
             answer = asyncio.ensure_future(transport.complete(endpoint.model, inputs, stop_model=endpoint.engine_model))
-            try:
-                chunk = await _unless_disconnected(request, answer)
-            except PlateformeError as exc:
-                metrics.requests.labels("chat", body.model, str(exc.status_code)).inc()
-                raise
+            chunk = await _unless_disconnected(request, answer)
             if chunk is None:  # the client went away: its request was stopped, nobody reads an answer
                 metrics.requests.labels("chat", body.model, str(CLIENT_CLOSED)).inc()
                 return Response(status_code=CLIENT_CLOSED)
@@ -261,10 +268,8 @@ def create_app(config: GatewayConfig | None = None) -> FastAPI:
             first = await chunks.__anext__()
         except StopAsyncIteration:
             first = None
-        except BaseException as exc:
+        except BaseException:
             await chunks.aclose()
-            if isinstance(exc, PlateformeError):
-                metrics.requests.labels("chat", body.model, str(exc.status_code)).inc()
             raise
         events = stream_chunks_async(body.model, plan, _prepend(first, chunks))
         metrics.latency.labels("chat").observe(time.perf_counter() - start)
@@ -272,8 +277,9 @@ def create_app(config: GatewayConfig | None = None) -> FastAPI:
                                  headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
 
     @app.post("/v1/embeddings")
-    async def embeddings(body: EmbeddingRequest):
+    async def embeddings(body: EmbeddingRequest, request: Request):
         start = time.perf_counter()
+        request.state.model = body.model
         endpoint = await lookup(body.model, "embedding")
         texts = [body.input] if isinstance(body.input, str) else body.input
         if not texts or any(not t for t in texts):

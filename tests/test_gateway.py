@@ -116,8 +116,15 @@ def test_models_health_and_metrics(http):
     assert http.get("/v1/models/mistral-medium").status_code == 404
     assert http.get("/health").json()["status"] == "ok"
     http.post("/v1/embeddings", json={"model": "mistral-embed", "input": "hi"})
-    assert 'plateforme_gateway_requests_total{model="mistral-embed",route="embeddings",status="200"}' \
-        in http.get("/metrics").text
+    # Requests the gateway refuses itself are counted too.
+    assert http.post("/v1/chat/completions", json={"model": "nope", "messages": QUESTION}).status_code == 404
+    assert http.post("/v1/chat/completions", json={"model": "mistral-tiny", "messages": QUESTION,
+                                                   "max_tokens": -1}).status_code == 422
+    assert http.post("/v1/embeddings", json={"model": "mistral-tiny", "input": "hi"}).status_code == 400
+    metrics = http.get("/metrics").text
+    for model, route, status in (("mistral-embed", "embeddings", 200), ("nope", "chat", 404),
+                                 ("mistral-tiny", "chat", 422), ("mistral-tiny", "embeddings", 400)):
+        assert f'plateforme_gateway_requests_total{{model="{model}",route="{route}",status="{status}"}}' in metrics
 
 
 def test_many_and_long_embedding_inputs(http):
