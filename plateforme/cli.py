@@ -115,6 +115,8 @@ def cmd_repo(args) -> int:
                 max_num_tokens=args.max_num_tokens,
                 separate_prefill=args.separate_prefill,
                 max_seq_len=args.max_seq_len,
+                max_queue_size=args.max_queue_size,
+                max_queue_delay_ms=args.max_queue_delay_ms,
                 kv_cache_free_gpu_mem_fraction=args.kv_cache_free_gpu_mem_fraction,
             )
             for name, path in chat_dirs.items()
@@ -421,6 +423,12 @@ def build_parser() -> argparse.ArgumentParser:
                         "true on CPU, false on GPU)")
     p.add_argument("--max-seq-len", type=int, default=0,
                    help="context length in tokens (default: the checkpoint's, capped at 8192)")
+    p.add_argument("--max-queue-size", type=int, default=0,
+                   help="PyTorch engine: requests that may wait for a slot; more are refused as unavailable "
+                        "(default 0: no limit)")
+    p.add_argument("--max-queue-delay-ms", type=int, default=0,
+                   help="PyTorch engine: longest wait for a slot before a request is refused as unavailable "
+                        "(default 0: no limit)")
     p.add_argument("--kv-cache-free-gpu-mem-fraction", type=float, default=0.9,
                    help="TensorRT-LLM engines: share of the GPU memory left after loading given to the KV "
                         "cache (default 0.9; lower it if the GPU also runs other work)")

@@ -125,6 +125,16 @@ def test_cli_refuses_an_endpoint_named_twice(tmp_path, tiny_mistral_dir, tiny_mi
     assert "--endpoint m is given twice" in capsys.readouterr().err and not (tmp_path / "repo").exists()
 
 
+def test_cli_sets_the_engine_queue_limits(tmp_path, tiny_mistral_dir):
+    from plateforme.cli import main
+
+    assert main(["repo", "--out", str(tmp_path / "repo"), "--endpoint", f"m={tiny_mistral_dir}",
+                 "--max-queue-size", "3", "--max-queue-delay-ms", "250", "--quiet"]) == 0
+    config = (tmp_path / "repo" / "m-engine" / "config.pbtxt").read_text()
+    assert 'key: "max_queue_size" value: { string_value: "3" }' in config
+    assert 'key: "max_queue_delay_ms" value: { string_value: "250" }' in config
+
+
 def test_a_repository_renders_again_in_place(tmp_path, tiny_mistral_dir, tiny_mixtral_dir):
     out = render_repository(tmp_path / "repo", chat=[ChatEndpoint("mistral-tiny", tiny_mistral_dir)])
     render_repository(out, chat=[ChatEndpoint("mistral-small", tiny_mixtral_dir)])
