@@ -151,6 +151,21 @@ def _check_minimums(endpoint, **minimums: int) -> None:
             raise RepositoryError(f"{endpoint.name}: {name} must be an integer >= {minimum}, got {value!r}")
 
 
+def _check_encoder_dir(endpoint: EmbeddingEndpoint) -> None:
+    """A PyTorch embedding endpoint needs an encoder checkpoint with its weights."""
+    model_dir = Path(endpoint.model_dir)
+    try:
+        architectures = json.loads((model_dir / "config.json").read_text()).get("architectures") or []
+    except ValueError as exc:
+        raise RepositoryError(f"{endpoint.name}: {model_dir}/config.json is not valid JSON: {exc}") from None
+    if any(a.endswith("ForCausalLM") for a in architectures):
+        raise RepositoryError(f"{endpoint.name}: {model_dir} is a causal language model ({', '.join(architectures)}); "
+                              "an embedding endpoint serves a sentence-transformers encoder")
+    if not any(model_dir.glob("*.safetensors")) and not any(model_dir.glob("pytorch_model*.bin")):
+        raise RepositoryError(f"{endpoint.name}: {model_dir} holds no weights (an ONNX export is served with "
+                              "EmbeddingEndpoint(..., runtime='onnx', onnx_path=...))")
+
+
 def _check_onnx_embedder(endpoint: EmbeddingEndpoint) -> Path:
     """The directory of the endpoint's exported ONNX embedder, refusing anything else."""
     from plateforme.python_backend.embeddings import read_onnx_manifest
@@ -356,6 +371,8 @@ def render_repository(
             raise RepositoryError(
                 f"{endpoint.name}: embedding runtime must be one of {EMBEDDING_RUNTIMES}, got {endpoint.runtime!r}"
             )
+        if endpoint.runtime == "pytorch":
+            _check_encoder_dir(endpoint)
         if endpoint.runtime == "onnx":
             onnx_dirs[endpoint.name] = _check_onnx_embedder(endpoint)
     inputs = [path for e in chat for path in (e.model_dir, e.engine_dir) if path is not None]

@@ -47,11 +47,11 @@ def test_fill_template_cli_in_place(tmp_path):
     assert template.stat().st_mode & 0o777 == 0o644  # still readable by a server running as another user
 
 
-def test_render_repository_layout(tmp_path, tiny_mistral_dir, tiny_mixtral_dir):
+def test_render_repository_layout(tmp_path, tiny_mistral_dir, tiny_mixtral_dir, demo_assets):
     out = render_repository(
         tmp_path / "repo",
         chat=[ChatEndpoint("mistral-tiny", tiny_mistral_dir), ChatEndpoint("mistral-small", tiny_mixtral_dir)],
-        embeddings=[EmbeddingEndpoint("mistral-embed", tiny_mistral_dir)],
+        embeddings=[EmbeddingEndpoint("mistral-embed", demo_assets["minilm-embed"])],
     )
     models = sorted(p.name for p in out.iterdir() if p.is_dir())
     assert models == sorted([
@@ -141,6 +141,17 @@ def test_a_repository_renders_again_in_place(tmp_path, tiny_mistral_dir, tiny_mi
     assert sorted(p.name for p in out.iterdir()) == sorted(
         ["plateforme.json"] + [f"mistral-small{part}" for part in ("", "-preprocessing", "-engine", "-postprocessing",
                                                                    "-bls")])
+
+
+def test_an_embedding_endpoint_needs_an_encoder_with_weights(tmp_path, tiny_mistral_dir, demo_assets):
+    with pytest.raises(RepositoryError, match="is a causal language model .*MistralForCausalLM"):
+        render_repository(tmp_path / "repo", [], [EmbeddingEndpoint("e", tiny_mistral_dir)])
+    no_weights = tmp_path / "no-weights"
+    no_weights.mkdir()
+    (no_weights / "config.json").write_text((demo_assets["minilm-embed"] / "config.json").read_text())
+    with pytest.raises(RepositoryError, match="holds no weights"):
+        render_repository(tmp_path / "repo", [], [EmbeddingEndpoint("e", no_weights)])
+    assert not (tmp_path / "repo").exists()
 
 
 def test_failed_render_keeps_the_previous_repository(tmp_path, tiny_mistral_dir):

@@ -272,7 +272,7 @@ def params(config: model_config_pb2.ModelConfig) -> dict[str, str]:
 
 @pytest.mark.parametrize("variant", ["pytorch", "tensorrtllm"])
 def test_every_rendered_config_parses_as_a_triton_model_config(
-    variant, monkeypatch, tmp_path, fake_tools, mistral_ckpt, tiny_mistral_dir, tiny_mixtral_dir
+    variant, monkeypatch, tmp_path, fake_tools, mistral_ckpt, tiny_mistral_dir, tiny_mixtral_dir, demo_assets
 ):
     """All models, both engine variants: Triton's ModelConfig protobuf, with the expected values."""
     engine = fake_build(monkeypatch, tmp_path, fake_tools, mistral_ckpt, tmp_path / "engine") \
@@ -280,7 +280,8 @@ def test_every_rendered_config_parses_as_a_triton_model_config(
     chat = [ChatEndpoint("mistral-tiny", tiny_mistral_dir, engine=variant, engine_dir=engine,
                          kv_cache_free_gpu_mem_fraction=0.85, max_batch_size=8),
             ChatEndpoint("mistral-small", tiny_mixtral_dir, max_batch_size=8)]
-    out = render_repository(tmp_path / "repo", chat, [EmbeddingEndpoint("mistral-embed", tiny_mistral_dir)])
+    embed = EmbeddingEndpoint("mistral-embed", demo_assets["minilm-embed"])
+    out = render_repository(tmp_path / "repo", chat, [embed])
     configs = {p.parent.name: parse_config(p) for p in out.glob("*/config.pbtxt")}
     assert len(configs) == 11
     for name, config in configs.items():
@@ -311,7 +312,7 @@ def test_every_rendered_config_parses_as_a_triton_model_config(
     assert [s.model_name for s in ensemble.ensemble_scheduling.step] == [
         "mistral-tiny-preprocessing", "mistral-tiny-engine", "mistral-tiny-postprocessing"]
     assert configs["mistral-small-engine"].backend == "python"
-    assert params(configs["mistral-embed"])["model_dir"] == tiny
+    assert params(configs["mistral-embed"])["model_dir"] == str(demo_assets["minilm-embed"].absolute())
 
 
 def test_engine_of_another_tensorrt_llm_version_is_refused(monkeypatch, tmp_path, fake_tools, mistral_ckpt,
