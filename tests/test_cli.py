@@ -105,7 +105,7 @@ def test_a_terminated_conversion_leaves_nothing_behind(tmp_path, smollm2_dir):
                                 "--dtype", "float32", "--quiet"], stderr=subprocess.PIPE, text=True)
     try:
         deadline = time.monotonic() + 120
-        while not list(tmp_path.glob(".ckpt.partial-*/rank0.safetensors")):  # writing the weights
+        while not list(tmp_path.glob(".ckpt.partial-*")):  # converting, with all the weights left to write
             assert process.poll() is None and time.monotonic() < deadline, "the conversion ended before it was stopped"
             time.sleep(0.01)
         process.terminate()
@@ -113,7 +113,7 @@ def test_a_terminated_conversion_leaves_nothing_behind(tmp_path, smollm2_dir):
     finally:
         if process.poll() is None:
             process.kill()
-    assert process.returncode == 128 + signal.SIGTERM, stderr
+    assert process.returncode == 128 + signal.SIGTERM, (process.returncode, stderr)
     assert "plateforme convert: interrupted" in stderr
     assert list(tmp_path.iterdir()) == []
 
