@@ -497,7 +497,7 @@ class _SharedStream:
                     if final:
                         return chunks
         except TimeoutError:
-            # The request runs on in Triton to its end; its responses are dropped.
+            # The request runs on in Triton, its responses dropped, unless the caller stops it (complete).
             raise AnswerTimeoutError(f"no answer from {model} within {timeout} s") from None
         except grpc.RpcError as exc:  # the RPC ended: so did the stream
             self.broken = self.broken or self._ended(exc)
