@@ -22,13 +22,24 @@ class CommandError(Exception):
 
 
 # -- argument helpers ----------------------------------------------------------------------
+def port_number(text: str) -> int:
+    """An argparse type: a TCP port, 1-65535."""
+    try:
+        port = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a port number") from None
+    if not 1 <= port <= 65535:
+        raise argparse.ArgumentTypeError(f"{port} is not a port number (1-65535)")
+    return port
+
+
 def _add_server_args(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("server")
     group.add_argument("--host", default="127.0.0.1",
                        help="address to bind HTTP, gRPC and metrics to (default 127.0.0.1; 0.0.0.0 for all)")
-    group.add_argument("--http-port", type=int, default=8000, help="HTTP port (default 8000)")
-    group.add_argument("--grpc-port", type=int, default=8001, help="gRPC port (default 8001)")
-    group.add_argument("--metrics-port", type=int, default=8002, help="Prometheus metrics port (default 8002)")
+    group.add_argument("--http-port", type=port_number, default=8000, help="HTTP port (default 8000)")
+    group.add_argument("--grpc-port", type=port_number, default=8001, help="gRPC port (default 8001)")
+    group.add_argument("--metrics-port", type=port_number, default=8002, help="Prometheus metrics port (default 8002)")
     group.add_argument("--log-file", type=Path, help="tritonserver log (default under $PLATEFORME_HOME/logs)")
     group.add_argument("--log-verbose", type=int, default=0, help="tritonserver --log-verbose level")
 
@@ -232,8 +243,10 @@ def cmd_serve(args) -> int:
 
 
 def cmd_demo(args) -> int:
-    from plateforme.server import TritonServer
+    from plateforme.server import TritonServer, check_port_free
 
+    if not args.once:  # the gateway starts after the server: find out now that its port is taken
+        check_port_free(args.host, args.gateway_port, "--gateway-port")
     chat, embeddings = _demo_endpoints(args.assets_dir, quiet=False)
     repository = _render(args, chat, embeddings)
     print(f"Model repository: {repository}")
@@ -266,7 +279,9 @@ def _start_gateway_thread(triton_url: str, host: str, port: int) -> None:
 
 def cmd_gateway(args) -> int:
     from plateforme.clients.gateway import GatewayConfig, serve
+    from plateforme.server import check_port_free
 
+    check_port_free(args.host, args.port, "--port")
     print(f"Mistral API gateway on http://{args.host}:{args.port}/v1 -> Triton {args.triton_url} "
           f"({'HTTP' if args.http else 'gRPC'})", flush=True)
     serve(GatewayConfig(args.triton_url, protocol="http" if args.http else "grpc"), host=args.host, port=args.port)
@@ -493,7 +508,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--once", action="store_true", help="exit after the printout")
     p.add_argument("--out", type=Path, help="where to render the repository")
     p.add_argument("--assets-dir", type=Path, help="demo assets directory")
-    p.add_argument("--gateway-port", type=int, default=8080,
+    p.add_argument("--gateway-port", type=port_number, default=8080,
                    help="port of the Mistral API gateway started with the server (default 8080)")
     _add_server_args(p)
     p.set_defaults(func=cmd_demo)
@@ -506,7 +521,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="Triton address host:port (default 127.0.0.1:8001, gRPC)")
     p.add_argument("--http", action="store_true", help="talk to Triton over HTTP (give its HTTP port)")
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
-    p.add_argument("--port", type=int, default=8080, help="port (default 8080)")
+    p.add_argument("--port", type=port_number, default=8080, help="port (default 8080)")
     p.set_defaults(func=cmd_gateway)
 
     p = sub.add_parser("chat", help="chat with an endpoint of a running server")

@@ -182,8 +182,9 @@ class TritonServer:
         repo = Path(self.config.model_repository)
         if not repo.is_dir():
             raise ServerError(f"model repository {repo} does not exist or is not a directory")
-        for port in (self.config.http_port, self.config.grpc_port, self.config.metrics_port):
-            _check_port_free(self.config.host, port)
+        for flag, port in (("--http-port", self.config.http_port), ("--grpc-port", self.config.grpc_port),
+                           ("--metrics-port", self.config.metrics_port)):
+            check_port_free(self.config.host, port, flag)
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         self._log_handle = open(self.log_path, "wb")
         self.process = subprocess.Popen(
@@ -249,15 +250,25 @@ class TritonServer:
             self._log_handle = None
 
     def load_failures(self) -> list[str]:
-        """"model 'x' failed to load: <first line of the reason>" for each model the log says failed:
-        the reason is logged above the tail that start-up errors quote."""
+        """"model 'x' failed to load: <first line of the reason>" for each model the log says failed
+        (or whose config.pbtxt did not parse): the reason is logged above the tail that start-up
+        errors quote."""
         try:
             text = self.log_path.read_text(errors="replace")
         except FileNotFoundError:
             return []
-        # Triton logs the reason with its newlines escaped: keep what comes before the first one.
-        found = re.findall(r"failed to load '([^']+)' version \d+: (.*?)(?:\\n|\"?$)", text, re.MULTILINE)
-        return [f"model {model!r} failed to load: {reason.strip()}" for model, reason in found]
+        failures, parse_error = [], ""
+        for line in text.splitlines():
+            # protobuf logs where a config.pbtxt is wrong just before Triton names the directory.
+            if match := re.search(r"Error parsing text-format inference\.ModelConfig: (.*)$", line):
+                parse_error = f" (at line:column {match[1].strip()})"
+            elif match := re.search(r"Poll failed for model directory '([^']+)': (.*?)\"?$", line):
+                failures.append(f"model directory {match[1]!r}: {match[2].strip()}{parse_error}")
+                parse_error = ""
+            # Triton logs the reason with its newlines escaped: keep what comes before the first one.
+            elif match := re.search(r"failed to load '([^']+)' version \d+: (.*?)(?:\\n|\"?$)", line):
+                failures.append(f"model {match[1]!r} failed to load: {match[2].strip()}")
+        return failures
 
     def log_tail(self, lines: int = 40) -> str:
         try:
@@ -275,16 +286,16 @@ class TritonServer:
         self.stop()
 
 
-def _check_port_free(host: str, port: int) -> None:
+def check_port_free(host: str, port: int, flag: str) -> None:
+    """Fail before start-up, naming the option to change, rather than after a server half started."""
     with socket.socket() as sock:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
-            sock.bind((host if host not in ("",) else "0.0.0.0", port))
+            sock.bind((host or "0.0.0.0", port))
+        except OverflowError as exc:
+            raise ServerError(f"{flag} {port} is not a port number (1-65535)") from exc
         except OSError as exc:
-            raise ServerError(
-                f"port {port} on {host} is already in use; choose another with "
-                f"--http-port/--grpc-port/--metrics-port"
-            ) from exc
+            raise ServerError(f"{flag} {port} on {host} is not available ({exc.strerror}); choose another port") from exc
 
 
 def _live_group_members(pgid: int) -> list[int]:

@@ -5,6 +5,7 @@ import json
 import os
 import re
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -38,12 +39,38 @@ def test_help_lists_the_subcommands():
     (["repo", "--endpoint", "mistral-tiny"], "NAME=DIR"),
     (["repo", "--endpoint", "mistral-tiny=/nonexistent"], "no config.json"),
     (["assets", "no-such-asset"], "unknown asset"),
+    (["serve", "--model-repository", "/tmp", "--http-port", "99999"], "--http-port: 99999 is not a port number"),
+    (["demo", "--gateway-port", "http"], "--gateway-port: 'http' is not a port number"),
+    (["gateway", "--port", "0"], "--port: 0 is not a port number"),
 ])
 def test_user_mistakes_are_one_clear_line(args, message):
     result = plateforme(*args)
     assert result.returncode == 2
     assert message in result.stderr
     assert "Traceback" not in result.stderr
+
+
+@pytest.mark.parametrize("command,flag", [(["gateway"], "--port"), (["demo"], "--gateway-port")])
+def test_a_taken_port_is_named_before_anything_starts(command, flag):
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        result = plateforme(*command, flag, str(port))
+    assert result.returncode == 2, result.stderr
+    assert f"{flag} {port} on 127.0.0.1 is not available" in result.stderr
+    assert "Traceback" not in result.stderr and "Starting" not in result.stdout
+
+
+def test_an_unparsable_config_pbtxt_is_named_with_its_line(tmp_path):
+    (tmp_path / "broken" / "1").mkdir(parents=True)
+    (tmp_path / "broken" / "config.pbtxt").write_text('name: "broken"\nbackend: "python"\nmax_batch_size 8\n')
+    result = plateforme("serve", "--model-repository", str(tmp_path), "--http-port", str(free_port()),
+                        "--grpc-port", str(free_port()), "--metrics-port", str(free_port()), timeout=120)
+    assert result.returncode == 2, result.stderr
+    first_line = result.stderr.splitlines()[0]
+    assert f"model directory 'broken': failed to read text proto from {tmp_path}/broken/config.pbtxt" in first_line
+    assert "at line:column 3:" in first_line
 
 
 def test_repo_renders_given_endpoints(tmp_path, tiny_mistral_dir):
