@@ -41,6 +41,11 @@ class Registry:
     _loaded_at: float = float("-inf")
     _lock: threading.Lock = field(default_factory=threading.Lock)
 
+    def __post_init__(self):
+        from plateforme.clients.triton_client import triton_address
+
+        self.url = triton_address(self.url, self.protocol)
+
     def endpoints(self, refresh: bool = False) -> list[Endpoint]:
         """Served endpoints; raises ServerUnavailableError when Triton cannot be reached."""
         with self._lock:

@@ -15,6 +15,7 @@ import queue
 import re
 import threading
 import time
+import urllib.parse
 import uuid
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
@@ -24,6 +25,23 @@ import numpy as np
 DEFAULT_GRPC_URL = "127.0.0.1:8001"
 DEFAULT_HTTP_URL = "127.0.0.1:8000"
 Tensors = dict[str, tuple[np.ndarray, str]]
+
+
+def triton_address(url: str | None, protocol: str = "grpc") -> str:
+    """The host:port tritonclient and grpc want, from what a user may write: "host:port", "host"
+    (the protocol's default port), "http://host:port/" or "grpc://host:port"."""
+    default = DEFAULT_GRPC_URL if protocol == "grpc" else DEFAULT_HTTP_URL
+    if not url:
+        return default
+    parsed = urllib.parse.urlsplit(url if "://" in url else f"//{url}")
+    try:
+        port = parsed.port or int(default.rsplit(":", 1)[1])
+    except ValueError:
+        port = None
+    if parsed.scheme not in ("", "http", "grpc") or parsed.path.strip("/") or not parsed.hostname or port is None:
+        raise ValueError(f"Triton address {url!r} is not host:port (like {default})")
+    host = f"[{parsed.hostname}]" if ":" in parsed.hostname else parsed.hostname
+    return f"{host}:{port}"
 
 
 # -- errors ----------------------------------------------------------------------------------
@@ -197,7 +215,7 @@ class _TransportSettings:
         if protocol not in ("grpc", "http"):
             raise ValueError(f"protocol must be grpc or http, got {protocol!r}")
         self.protocol = protocol
-        self.url = url or (DEFAULT_GRPC_URL if protocol == "grpc" else DEFAULT_HTTP_URL)
+        self.url = triton_address(url, protocol)
         self.timeout = timeout
         self.retries = retries
         self.retry_backoff = retry_backoff

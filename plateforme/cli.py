@@ -279,9 +279,11 @@ def _start_gateway_thread(triton_url: str, host: str, port: int) -> None:
 
 def cmd_gateway(args) -> int:
     from plateforme.clients.gateway import GatewayConfig, serve
+    from plateforme.clients.triton_client import triton_address
     from plateforme.server import check_port_free
 
     check_port_free(args.host, args.port, "--port")
+    args.triton_url = triton_address(args.triton_url, "http" if args.http else "grpc")
     print(f"Mistral API gateway on http://{args.host}:{args.port}/v1 -> Triton {args.triton_url} "
           f"({'HTTP' if args.http else 'gRPC'})", flush=True)
     serve(GatewayConfig(args.triton_url, protocol="http" if args.http else "grpc"), host=args.host, port=args.port)

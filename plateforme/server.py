@@ -295,7 +295,8 @@ def check_port_free(host: str, port: int, flag: str) -> None:
         except OverflowError as exc:
             raise ServerError(f"{flag} {port} is not a port number (1-65535)") from exc
         except OSError as exc:
-            raise ServerError(f"{flag} {port} on {host} is not available ({exc.strerror}); choose another port") from exc
+            raise ServerError(f"{flag} {port} on {host} is not available ({exc.strerror}); "
+                              "choose another port") from exc
 
 
 def _live_group_members(pgid: int) -> list[int]:

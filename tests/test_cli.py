@@ -87,8 +87,8 @@ def test_chat_and_embed_against_a_running_server(server):
     assert chat.returncode == 0, chat.stderr
     assert "Paris" in chat.stdout
     assert "finish:" in chat.stderr
-    over_http = plateforme("chat", "What is the capital of France?", "--model", "smollm2", "--url", server.http_url,
-                           "--http", "--temperature", "0", "--max-tokens", "32")
+    over_http = plateforme("chat", "What is the capital of France?", "--model", "smollm2",
+                           "--url", f"http://{server.http_url}/", "--http", "--temperature", "0", "--max-tokens", "32")
     assert over_http.stdout == chat.stdout
     embed = plateforme("embed", "hello world", "bonjour le monde", "--url", server.grpc_url, "--json")
     assert embed.returncode == 0, embed.stderr

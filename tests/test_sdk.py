@@ -8,6 +8,7 @@ import re
 import pytest
 
 from plateforme.clients.registry import Registry
+from plateforme.clients.triton_client import triton_address
 from plateforme.clients.sdk import (
     SAFE_PROMPT, AnswerTimeoutError, InvalidRequestError, ModelNotFoundError, PlateformeClient, ServerUnavailableError,
     parse_tool_calls, plan_chat,
@@ -48,6 +49,22 @@ def test_parse_tool_calls_is_robust(text, names):
 def test_parse_tool_calls_keeps_a_valid_id():
     calls = parse_tool_calls('[TOOL_CALLS][{"name": "f", "arguments": {}, "id": "abcDEF123"}]')
     assert calls[0].id == "abcDEF123"
+
+
+@pytest.mark.parametrize("written,protocol,address", [
+    (None, "grpc", "127.0.0.1:8001"), ("example", "http", "example:8000"),
+    ("http://10.0.0.1:9000/", "http", "10.0.0.1:9000"),
+    ("grpc://host:9001", "grpc", "host:9001"), ("[::1]:8001", "grpc", "[::1]:8001"),
+])
+def test_a_triton_address_is_read_as_users_write_it(written, protocol, address):
+    assert triton_address(written, protocol) == address
+    assert Registry(written, protocol).url == address
+
+
+@pytest.mark.parametrize("written", ["https://host:8000", "host:http", "host:99999", "host:8000/v2", "::1"])
+def test_a_triton_address_that_is_not_host_port_is_refused(written):
+    with pytest.raises(ValueError, match="is not host:port"):
+        triton_address(written)
 
 
 def test_plan_maps_mistral_arguments_onto_ensemble_inputs():
