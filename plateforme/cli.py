@@ -225,7 +225,8 @@ def _serve_until_signal(server, on_ready=None, once: bool = False) -> int:
         # A second Ctrl-C must not interrupt the clean-up of stubs and shared memory.
         signal.signal(signal.SIGINT, signal.SIG_IGN)
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
-        print("Shutting down tritonserver...", flush=True)
+        if server.is_running():  # not when start-up failed: start() has cleaned up already
+            print("Shutting down tritonserver...", flush=True)
         server.stop()
         for sig, handler in previous.items():
             signal.signal(sig, handler)

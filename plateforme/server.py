@@ -182,6 +182,9 @@ class TritonServer:
         repo = Path(self.config.model_repository)
         if not repo.is_dir():
             raise ServerError(f"model repository {repo} does not exist or is not a directory")
+        if not any(repo.glob("*/config.pbtxt")):
+            raise ServerError(f"model repository {repo} holds no models (no MODEL/config.pbtxt in it); "
+                              "render one with `plateforme repo`")
         for flag, port in (("--http-port", self.config.http_port), ("--grpc-port", self.config.grpc_port),
                            ("--metrics-port", self.config.metrics_port)):
             check_port_free(self.config.host, port, flag)
