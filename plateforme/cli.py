@@ -109,6 +109,7 @@ def _render(args, chat, embeddings) -> Path:
 def cmd_repo(args) -> int:
     from plateforme.builders.engine_manifest import RENDER_RECORD
     from plateforme.builders.repository import ChatEndpoint, EmbeddingEndpoint
+    from plateforme.python_backend.embeddings import ONNX_MANIFEST_FILE
 
     chat_dirs = _endpoint_pairs(args.endpoint, "--endpoint")
     embed_dirs = _endpoint_pairs(args.embedding, "--embedding")
@@ -132,7 +133,10 @@ def cmd_repo(args) -> int:
             )
             for name, path in chat_dirs.items()
         ]
-        embeddings = [EmbeddingEndpoint(name, path) for name, path in embed_dirs.items()]
+        # A directory written by `plateforme export-embedder` is served with ONNX Runtime.
+        embeddings = [EmbeddingEndpoint(name, path, runtime="onnx", onnx_path=path)
+                      if (path / ONNX_MANIFEST_FILE).is_file() else EmbeddingEndpoint(name, path)
+                      for name, path in embed_dirs.items()]
         unused = set(engine_dirs) - set(chat_dirs)
         if unused:
             raise CommandError(f"--engine-dir given for endpoint(s) without --endpoint: {sorted(unused)}")
@@ -395,7 +399,7 @@ def cmd_export_embedder(args) -> int:
               f"max |diff| {check.max_abs_diff:.2e} (atol {check.atol:g}, rtol {check.rtol:g}), "
               f"lowest cosine {check.min_cosine:.7f}; lint: {check.lint_nodes_passing} nodes, "
               f"{len(check.lint_warnings)} warning(s)")
-    print(f"  serve it: EmbeddingEndpoint(..., runtime=\"onnx\", onnx_path={str(onnx_path.parent)!r})")
+    print(f"  serve it: plateforme repo --embedding mistral-embed={onnx_path.parent} ...")
     return 0
 
 
@@ -424,7 +428,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--endpoint", action="append", metavar="NAME=DIR",
                    help="chat endpoint from an HF checkpoint dir, e.g. mistral-tiny=/models/Mistral-7B-Instruct-v0.2")
     p.add_argument("--embedding", action="append", metavar="NAME=DIR",
-                   help="embedding endpoint from a BERT-style checkpoint dir, e.g. mistral-embed=/models/e5")
+                   help="embedding endpoint from a BERT-style checkpoint dir, e.g. mistral-embed=/models/e5, "
+                        "or from an `export-embedder` output dir (served with ONNX Runtime)")
     p.add_argument("--engine-dir", action="append", metavar="NAME=DIR",
                    help="serve this endpoint with a TensorRT-LLM engine (backend tensorrtllm) instead of the "
                         "PyTorch engine")

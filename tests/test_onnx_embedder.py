@@ -5,6 +5,8 @@ from __future__ import annotations
 import importlib.util
 import json
 import shutil
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -190,6 +192,20 @@ def test_render_onnx_runtime(exported, minilm_dir, tmp_path):
     copied = repository / "e" / "1" / "onnx"
     assert (copied / "model.onnx").read_bytes() == exported.read_bytes()
     assert (copied / "embedder.json").is_file() and (copied / "tokenizer.json").is_file()
+
+
+def test_repo_command_serves_an_export_with_onnx_runtime(exported, minilm_dir, tmp_path):
+    """`plateforme repo --embedding NAME=DIR`: an export-embedder output runs on ONNX Runtime, a
+    checkpoint on PyTorch."""
+    result = subprocess.run([sys.executable, "-m", "plateforme", "repo", "--out", str(tmp_path / "repo"),
+                             "--embedding", f"embed-onnx={exported.parent}",
+                             "--embedding", f"embed-torch={minilm_dir}"], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    onnx_config = (tmp_path / "repo" / "embed-onnx" / "config.pbtxt").read_text()
+    assert 'key: "runtime" value: { string_value: "onnx" }' in onnx_config
+    assert (tmp_path / "repo" / "embed-onnx" / "1" / "onnx" / "model.onnx").is_file()
+    torch_config = (tmp_path / "repo" / "embed-torch" / "config.pbtxt").read_text()
+    assert 'key: "runtime" value: { string_value: "pytorch" }' in torch_config
 
 
 @pytest.mark.server
