@@ -258,11 +258,24 @@ def _render_model(templates: Path, kind: str, out: Path, name: str, values: dict
         shutil.copy(source / "1" / "model.py", target / "1" / "model.py")
 
 
+def _supports_tools(endpoint: ChatEndpoint) -> bool:
+    """Whether the endpoint's tokenizer encodes `tools` (loading it also refuses a broken one now
+    rather than when Triton loads the preprocessing model)."""
+    from plateforme.python_backend.tokenization import load_tokenizer
+
+    try:
+        return load_tokenizer(endpoint.model_dir).supports_tools
+    except Exception as exc:  # sentencepiece, tokenizers and mistral-common each fail in their own way
+        raise RepositoryError(f"{endpoint.name}: the tokenizer in {endpoint.model_dir} cannot be loaded "
+                              f"({type(exc).__name__}: {exc})") from None
+
+
 def _chat_models(
-    endpoint: ChatEndpoint, facts: engine_manifest.EngineFacts | None = None
+    endpoint: ChatEndpoint, facts: engine_manifest.EngineFacts | None = None, function_calling: bool = True
 ) -> dict[str, tuple[str, dict]]:
     """model name -> (template, placeholder values) for one chat endpoint (`facts`: those of its
-    TensorRT-LLM engine)."""
+    TensorRT-LLM engine; `function_calling`: whether its tokenizer takes tools, told to clients by
+    the ensemble's config)."""
     name = endpoint.name
     tokenizer_dir = str(Path(endpoint.model_dir).absolute())
     batch = endpoint.max_batch_size
@@ -293,6 +306,7 @@ def _chat_models(
             "postprocessing_model": post,
             "engine_extra_output_map": _PYTORCH_EXTRA_OUTPUT_MAP if pytorch else "",
             "postprocessing_extra_input_map": _PYTORCH_POSTPROCESSING_INPUT_MAP if pytorch else "",
+            "function_calling": "true" if function_calling else "false",
         }),
         f"{name}-bls": ("tensorrt_llm_bls", {
             **chain,
@@ -349,9 +363,11 @@ def render_repository(
     if duplicates:
         raise RepositoryError(f"endpoint name(s) used twice: {sorted(duplicates)}")
     engines: dict[str, engine_manifest.EngineFacts] = {}
+    function_calling: dict[str, bool] = {}
     for endpoint in chat:
         _check_name(endpoint.name)
         _check_chat_model_dir(endpoint)
+        function_calling[endpoint.name] = _supports_tools(endpoint)
         if endpoint.engine == "tensorrtllm":
             engines[endpoint.name] = _check_engine(endpoint)
     world_sizes = {facts.world_size for facts in engines.values()}
@@ -381,7 +397,8 @@ def render_repository(
     templates = templates_root()
     with atomic_directory(out_dir) as tmp:
         for endpoint in chat:
-            for model_name, (kind, values) in _chat_models(endpoint, engines.get(endpoint.name)).items():
+            models = _chat_models(endpoint, engines.get(endpoint.name), function_calling[endpoint.name])
+            for model_name, (kind, values) in models.items():
                 _render_model(templates, kind, tmp, model_name, values)
         for endpoint in embeddings:
             onnx_dir = onnx_dirs.get(endpoint.name)

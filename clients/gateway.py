@@ -328,7 +328,8 @@ def _model_card(endpoint: Endpoint) -> dict:
     chat = endpoint.kind == "chat"
     return {"id": endpoint.id, "object": "model", "type": "base", "created": endpoint.created,
             "owned_by": "plateforme", "root": endpoint.model,
-            "capabilities": {"completion_chat": chat, "function_calling": chat, "embedding": not chat}}
+            "capabilities": {"completion_chat": chat, "function_calling": endpoint.function_calling,
+                             "embedding": not chat}}
 
 
 def _message(message: Message) -> dict:

@@ -23,6 +23,7 @@ class Endpoint:
     model: str  # the Triton model it calls
     kind: Literal["chat", "embedding"]
     created: int = 0
+    function_calling: bool = False  # a chat endpoint whose tokenizer encodes `tools`
 
     @property
     def engine_model(self) -> str | None:
@@ -86,11 +87,14 @@ def discover(url: str, protocol: str = "grpc") -> list[Endpoint]:
             index = client.get_model_repository_index()
         ready = {m["name"] for m in index if m.get("state") == "READY"}
         kinds: dict[str, str] = {}
+        tools: set[str] = set()
         for name in sorted(ready):
             if name.endswith(_CHAT_PARTS):
                 continue
             if f"{name}-preprocessing" in ready and f"{name}-engine" in ready:
                 kinds[name] = "chat"
+                if _config_parameter(client, name, protocol, "function_calling") != "false":
+                    tools.add(name)
             elif _has_embedding_output(client, name, protocol):
                 kinds[name] = "embedding"
     except InferenceServerException as exc:
@@ -100,10 +104,19 @@ def discover(url: str, protocol: str = "grpc") -> list[Endpoint]:
     finally:
         client.close()
     now = int(time.time())
-    endpoints = [Endpoint(name, name, kinds[name], now) for name in PUBLIC_ENDPOINTS if name in kinds]
-    endpoints += [Endpoint(alias, target, kinds[target], now) for alias, target in ALIASES.items() if target in kinds]
-    endpoints += [Endpoint(name, name, kind, now) for name, kind in kinds.items() if name not in PUBLIC_ENDPOINTS]
-    return endpoints
+    named = [(name, name) for name in PUBLIC_ENDPOINTS if name in kinds]
+    named += [(alias, target) for alias, target in ALIASES.items() if target in kinds]
+    named += [(name, name) for name in kinds if name not in PUBLIC_ENDPOINTS]
+    return [Endpoint(name, target, kinds[target], now, target in tools) for name, target in named]
+
+
+def _config_parameter(client, name: str, protocol: str, key: str) -> str | None:
+    """A string parameter of a model's config (None when it has none: a repository rendered before
+    the parameter existed, or by another tool)."""
+    if protocol == "grpc":
+        parameters = client.get_model_config(name).config.parameters
+        return parameters[key].string_value if key in parameters else None
+    return client.get_model_config(name).get("parameters", {}).get(key, {}).get("string_value")
 
 
 def _has_embedding_output(client, name: str, protocol: str) -> bool:

@@ -22,6 +22,7 @@ class Tokenizer(ABC):
     bos_id: int | None
     eos_id: int
     pad_id: int  # eos_id when the tokenizer has no padding token
+    supports_tools: bool  # whether chat requests may carry `tools` (the Mistral API's function calling)
 
     @abstractmethod
     def encode_text(self, text: str, add_bos: bool = True) -> list[int]:
@@ -79,6 +80,7 @@ class MistralCommonTokenizer(Tokenizer):
         self._mistral = MistralTokenizer.from_file(str(self.path))
         self._raw = self._mistral.instruct_tokenizer.tokenizer
         self.version = self._mistral.version.value
+        self.supports_tools = self.version != "v1"
         self.vocab_size = self._raw.n_words
         self.bos_id = self._raw.bos_id
         self.eos_id = self._raw.eos_id
@@ -109,7 +111,7 @@ class MistralCommonTokenizer(Tokenizer):
         from pydantic import ValidationError
 
         request = validate_chat_request(request)
-        if self.version == "v1" and uses_tools(request):
+        if not self.supports_tools and uses_tools(request):
             raise ChatRequestError("this model's tokenizer (mistral-common v1) does not support tools")
         try:
             chat = ChatCompletionRequest.model_validate(
@@ -195,6 +197,11 @@ class HuggingFaceTokenizer(Tokenizer):
         # The Rust tokenizer itself, for plain text: transformers' wrapper adds ~0.1 ms a call
         # around it, paid on every request and every streamed chunk.
         self._rust = self._tok.backend_tokenizer if self._tok.is_fast else None
+        self.supports_tools = "tools" in self._template_source()
+
+    def _template_source(self) -> str:
+        template = self._tok.chat_template or ""
+        return " ".join(template.values()) if isinstance(template, dict) else template
 
     def _encode_plain(self, text: str) -> list[int]:
         if self._rust is not None:
@@ -214,12 +221,11 @@ class HuggingFaceTokenizer(Tokenizer):
         from jinja2 import TemplateError
 
         request = validate_chat_request(request)
-        template = self._tok.chat_template
-        if not template:
+        source = self._template_source()
+        if not source:
             raise ChatRequestError("this model has no chat template; send a raw prompt instead")
-        source = " ".join(template.values()) if isinstance(template, dict) else template
         messages, tools = request["messages"], request.get("tools")
-        if tools and "tools" not in source:
+        if tools and not self.supports_tools:
             raise ChatRequestError("this model's chat template does not support tools")
         if any(m.get("tool_calls") for m in messages) and "tool_calls" not in source:
             raise ChatRequestError("this model's chat template does not support tool calls")

@@ -114,6 +114,11 @@ def test_models_health_and_metrics(http):
     assert "mistral-medium" not in ids
     assert http.get("/v1/models/open-mixtral-8x7b").json()["root"] == "mistral-small"
     assert http.get("/v1/models/mistral-medium").status_code == 404
+    # Function calling is announced where the tokenizer encodes tools: v3 yes, v1 no.
+    capabilities = {m["id"]: m["capabilities"] for m in http.get("/v1/models").json()["data"]}
+    assert capabilities["open-mistral-7b"] == {"completion_chat": True, "function_calling": True, "embedding": False}
+    assert capabilities["mistral-small"]["function_calling"] is False
+    assert capabilities["mistral-embed"] == {"completion_chat": False, "function_calling": False, "embedding": True}
     assert http.get("/health").json()["status"] == "ok"
     http.post("/v1/embeddings", json={"model": "mistral-embed", "input": "hi"})
     # Requests the gateway refuses itself are counted too.

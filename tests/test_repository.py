@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 
@@ -74,6 +75,19 @@ def test_render_repository_layout(tmp_path, tiny_mistral_dir, tiny_mixtral_dir, 
     assert "from plateforme.python_backend.triton.engine import TritonPythonModel" in model_py
     manifest = json.loads((out / "plateforme.json").read_text())
     assert set(manifest["chat"]) == {"mistral-tiny", "mistral-small"}
+    # Told to clients: the v3 tokenizer encodes tools, the v1 one does not.
+    assert 'key: "function_calling" value: { string_value: "true" }' in ensemble
+    small = (out / "mistral-small" / "config.pbtxt").read_text()
+    assert 'key: "function_calling" value: { string_value: "false" }' in small
+
+
+def test_a_tokenizer_that_does_not_load_is_refused_at_render(tmp_path, tiny_mistral_dir):
+    broken = tmp_path / "broken"
+    shutil.copytree(tiny_mistral_dir, broken)
+    (broken / "tokenizer.model.v3").write_bytes(b"not a sentencepiece model")
+    with pytest.raises(RepositoryError, match=r"m: the tokenizer in .*broken cannot be loaded \(RuntimeError: .*parse"):
+        render_repository(tmp_path / "repo", chat=[ChatEndpoint("m", broken)])
+    assert not (tmp_path / "repo").exists()
 
 
 def test_render_tensorrtllm_engine_variant(tmp_path, tiny_mistral_dir):
