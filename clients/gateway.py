@@ -27,12 +27,14 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from plateforme.clients.registry import Endpoint, Registry
 from plateforme.clients.sdk import (
-    AsyncTransport, InvalidRequestError, ModelNotFoundError, PlateformeError, completion_response, embedding_response,
-    plan_chat, stream_chunks_async,
+    AsyncTransport, ChatPlan, CompletionChunk, InvalidRequestError, ModelNotFoundError, PlateformeError,
+    StreamAssembler, completion_id, completion_response, embedding_response, plan_chat, stream_chunks_async,
 )
 from plateforme.clients.triton_client import DEFAULT_GRPC_URL
 
 DEFAULT_PORT = 8080
+# The most choices (`n`) one request may ask for: each is a request of its own to the engine.
+MAX_CHOICES = 16
 # nginx's status for a request whose client closed the connection before the answer.
 CLIENT_CLOSED = 499
 # The counted routes, by path (the `route` label of plateforme_gateway_requests_total).
@@ -109,7 +111,7 @@ class ChatCompletionRequest(_Body):
     presence_penalty: float | None = Field(None, ge=-2.0, le=2.0)
     frequency_penalty: float | None = Field(None, ge=-2.0, le=2.0)
     repetition_penalty: float | None = Field(None, gt=0.0, le=10.0)
-    n: int | None = Field(None, ge=1, le=1)
+    n: int | None = Field(None, ge=1, le=MAX_CHOICES)
     parallel_tool_calls: bool | None = None
     safe_prompt: bool = False
 
@@ -251,27 +253,31 @@ def create_app(config: GatewayConfig | None = None) -> FastAPI:
             frequency_penalty=body.frequency_penalty, repetition_penalty=body.repetition_penalty,
             parallel_tool_calls=body.parallel_tool_calls, default_max_tokens=config.default_max_tokens,
         )
-        inputs = plan.tensors(stream=body.stream)
+        # `n` choices are `n` requests sampled with their own seeds, sent together.
+        plans = plan.choices(body.n or 1)
         if not body.stream:
-            answer = asyncio.ensure_future(transport.complete(endpoint.model, inputs, stop_model=endpoint.engine_model))
-            chunk = await _unless_disconnected(request, answer)
-            if chunk is None:  # the client went away: its request was stopped, nobody reads an answer
+            answers = asyncio.ensure_future(_all_or_none(
+                transport.complete(endpoint.model, choice.tensors(stream=False), stop_model=endpoint.engine_model)
+                for choice in plans))
+            chunks = await _unless_disconnected(request, answers)
+            if chunks is None:  # the client went away: its requests were stopped, nobody reads an answer
                 metrics.requests.labels("chat", body.model, str(CLIENT_CLOSED)).inc()
                 return Response(status_code=CLIENT_CLOSED)
-            response = completion_response(body.model, plan, chunk)
+            response = completion_response(body.model, plan, *chunks)
             _count(metrics, "chat", body.model, response.usage, start)
             return Response(response.model_dump_json(), media_type="application/json")
 
-        chunks = transport.generate(endpoint.model, inputs, stream=True)
+        streams = [transport.generate(endpoint.model, choice.tensors(stream=True), stream=True) for choice in plans]
         try:
-            # The first chunk comes before the response starts, so early errors get their status.
-            first = await chunks.__anext__()
-        except StopAsyncIteration:
-            first = None
+            # The first chunks come before the response starts, so early errors get their status.
+            firsts = await _all_or_none(_first(stream) for stream in streams)
         except BaseException:
-            await chunks.aclose()
+            for stream in streams:
+                await stream.aclose()
             raise
-        events = stream_chunks_async(body.model, plan, _prepend(first, chunks))
+        sources = [_prepend(first, stream) for first, stream in zip(firsts, streams)]
+        events = (stream_chunks_async(body.model, plan, sources[0]) if len(sources) == 1
+                  else _interleaved_choices(body.model, plans, sources))
         metrics.latency.labels("chat").observe(time.perf_counter() - start)
         return StreamingResponse(_sse(events, metrics, body.model), media_type="text/event-stream",
                                  headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
@@ -337,6 +343,64 @@ def _message(message: Message) -> dict:
     if isinstance(message.content, list):
         out["content"] = [{"type": "text", "text": c.text} for c in message.content]
     return out
+
+
+async def _all_or_none(awaitables) -> list:
+    """The results of awaitables run together; when one fails (or this is cancelled) the others are
+    cancelled, which stops their requests in Triton, and the first error is raised."""
+    tasks = [asyncio.ensure_future(a) for a in awaitables]
+    try:
+        return await asyncio.gather(*tasks)
+    except BaseException:
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        raise
+
+
+async def _first(stream: AsyncIterator):
+    try:
+        return await stream.__anext__()
+    except StopAsyncIteration:
+        return None
+
+
+async def _interleaved_choices(model: str, plans: list[ChatPlan], sources: list[AsyncIterator]
+                               ) -> AsyncIterator[CompletionChunk]:
+    """The stream chunks of several choices as they come, each with its index, under one id; each
+    choice's last chunk carries its usage. An error in one ends them all."""
+    answer_id = completion_id()
+    queue: asyncio.Queue = asyncio.Queue()
+
+    async def pump(index: int) -> None:
+        assembler = StreamAssembler(model, plans[index], index, answer_id)
+        try:
+            queue.put_nowait(assembler.start())
+            async for chunk in sources[index]:
+                if (out := assembler.feed(chunk)) is not None:
+                    queue.put_nowait(out)
+            queue.put_nowait(assembler.finish())
+        except Exception as exc:
+            queue.put_nowait(exc)
+        finally:
+            await sources[index].aclose()  # cancels the request in Triton when it did not end
+            queue.put_nowait(None)
+
+    pumps = [asyncio.ensure_future(pump(index)) for index in range(len(sources))]
+    try:
+        running = len(pumps)
+        while running:
+            item = await queue.get()
+            if item is None:
+                running -= 1
+            elif isinstance(item, Exception):
+                raise item
+            else:
+                yield item
+    finally:
+        for task in pumps:
+            task.cancel()
+        await asyncio.gather(*pumps, return_exceptions=True)
 
 
 async def _prepend(first, rest: AsyncIterator) -> AsyncIterator:

@@ -136,6 +136,15 @@ class ChatPlan(BaseModel):
             inputs["guided_decoding_guide"] = (np.array([[self.guide.encode()]], dtype=object), "BYTES")
         return inputs
 
+    def choices(self, n: int) -> list["ChatPlan"]:
+        """`n` plans that sample independently (the API's `n`): seeds seed, seed + 1, ... from the
+        request's seed, or from a random one."""
+        if n == 1:
+            return [self]
+        base = self.params.get("seed")
+        base = random.getrandbits(62) if base is None else base
+        return [self.model_copy(update={"params": {**self.params, "seed": (base + i) % 2**63}}) for i in range(n)]
+
 
 def plan_chat(
     messages: list[dict],
@@ -296,15 +305,15 @@ class StreamAssembler:
     chunk with the finish reason and usage. An answer that is a tool call is held back and sent
     as one `tool_calls` delta. Shared by the sync and asyncio streams."""
 
-    def __init__(self, model: str, plan: ChatPlan):
-        self.model, self.plan = model, plan
-        self.id, self.created = completion_id(), int(time.time())
+    def __init__(self, model: str, plan: ChatPlan, index: int = 0, id: str | None = None):
+        self.model, self.plan, self.index = model, plan, index
+        self.id, self.created = id or completion_id(), int(time.time())
         self.held, self.holding = "", plan.forced_tool_call
         self.last: GenerationChunk | None = None
 
     def make(self, delta: DeltaMessage, reason: str | None = None, usage: UsageInfo | None = None) -> CompletionChunk:
-        return CompletionChunk(id=self.id, model=self.model, created=self.created, usage=usage,
-                               choices=[CompletionResponseStreamChoice(delta=delta, finish_reason=reason)])
+        choice = CompletionResponseStreamChoice(index=self.index, delta=delta, finish_reason=reason)
+        return CompletionChunk(id=self.id, model=self.model, created=self.created, usage=usage, choices=[choice])
 
     def start(self) -> CompletionChunk:
         return self.make(DeltaMessage(role="assistant", content=""))
@@ -351,13 +360,19 @@ async def stream_chunks_async(model: str, plan: ChatPlan, chunks: AsyncIterator[
     yield assembler.finish()
 
 
-def completion_response(model: str, plan: ChatPlan, chunk: GenerationChunk) -> ChatCompletionResponse:
-    calls = parse_tool_calls(chunk.text, bare=plan.forced_tool_call)
-    message = AssistantMessage(content="" if calls else chunk.text, tool_calls=calls)
-    reason = "tool_calls" if calls else finish_reason(chunk.finish_reason)
-    return ChatCompletionResponse(id=completion_id(), model=model, created=int(time.time()),
-                                  choices=[ChatCompletionChoice(message=message, finish_reason=reason)],
-                                  usage=_usage(chunk))
+def completion_response(model: str, plan: ChatPlan, *answers: GenerationChunk) -> ChatCompletionResponse:
+    """One choice per answer (several for the API's `n`); the prompt is counted once."""
+    choices = []
+    for index, answer in enumerate(answers):
+        calls = parse_tool_calls(answer.text, bare=plan.forced_tool_call)
+        message = AssistantMessage(content="" if calls else answer.text, tool_calls=calls)
+        reason = "tool_calls" if calls else finish_reason(answer.finish_reason)
+        choices.append(ChatCompletionChoice(index=index, message=message, finish_reason=reason))
+    usage = _usage(answers[0])
+    usage.completion_tokens = sum(a.num_output_tokens or 0 for a in answers)
+    usage.total_tokens = usage.prompt_tokens + usage.completion_tokens
+    return ChatCompletionResponse(id=completion_id(), model=model, created=int(time.time()), choices=choices,
+                                  usage=usage)
 
 
 def _usage(chunk: GenerationChunk | None) -> UsageInfo:

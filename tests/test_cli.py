@@ -115,11 +115,19 @@ def test_chat_error_from_the_server_is_reported(server):
     assert alias.returncode == 0, alias.stderr
 
 
-def _stub_processes() -> set[int]:
+def _segments(grpc_port: int) -> set[str]:
+    """The shared-memory segments of the server on `grpc_port` (named plateforme-PID-GRPC_PORT-...)."""
+    return {name for name in os.listdir("/dev/shm") if name.startswith("plateforme-")
+            and name.split("-")[2:3] == [str(grpc_port)]}
+
+
+def _stub_processes(repo: Path) -> set[int]:
+    """The python-backend stubs of the models in `repo` (other servers may run beside the test)."""
     pids = set()
     for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
         try:
-            if b"triton_python_backend_stub" in cmdline.read_bytes():
+            text = cmdline.read_bytes()
+            if b"triton_python_backend_stub" in text and str(repo).encode() in text:
                 pids.add(int(cmdline.parent.name))
         except OSError:
             pass
@@ -150,11 +158,11 @@ def test_a_terminated_conversion_leaves_nothing_behind(tmp_path, smollm2_dir):
 def test_serve_stops_cleanly_on_signal(tmp_path, tiny_mistral_dir, sig):
     repo = tmp_path / "repo"
     assert plateforme("repo", "--out", str(repo), "--endpoint", f"mistral-tiny={tiny_mistral_dir}").returncode == 0
-    stubs_before, shm_before = _stub_processes(), set(os.listdir("/dev/shm"))
-    http_port = free_port()
+    http_port, grpc_port = free_port(), free_port()
+    stubs_before, shm_before = _stub_processes(repo), _segments(grpc_port)
     process = subprocess.Popen(
         [sys.executable, "-m", "plateforme", "serve", "--model-repository", str(repo), "--http-port", str(http_port),
-         "--grpc-port", str(free_port()), "--metrics-port", str(free_port())],
+         "--grpc-port", str(grpc_port), "--metrics-port", str(free_port())],
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
         # As a shell starts a background job (`plateforme serve &`): SIGINT ignored on entry.
         preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN),
@@ -170,7 +178,8 @@ def test_serve_stops_cleanly_on_signal(tmp_path, tiny_mistral_dir, sig):
                 time.sleep(0.5)
         else:
             pytest.fail("plateforme serve did not become ready")
-        assert _stub_processes() - stubs_before, "python models should be running as stub processes"
+        assert _stub_processes(repo) - stubs_before, "python models should be running as stub processes"
+        assert _segments(grpc_port) - shm_before, "the stubs should hold shared-memory segments"
         process.send_signal(sig)
         output, _ = process.communicate(timeout=60)
     finally:
@@ -178,5 +187,5 @@ def test_serve_stops_cleanly_on_signal(tmp_path, tiny_mistral_dir, sig):
             process.kill()
     assert process.returncode == 0, output
     assert "Shutting down" in output
-    assert not (_stub_processes() - stubs_before)
-    assert not (set(os.listdir("/dev/shm")) - shm_before)
+    assert not (_stub_processes(repo) - stubs_before)
+    assert not (_segments(grpc_port) - shm_before)

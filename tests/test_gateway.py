@@ -171,6 +171,8 @@ def test_json_mode_and_safe_prompt(http):
     ({"model": "mistral-tiny", "messages": [{"role": "user", "content": "x " * 5000}], "max_tokens": 1}, 400),
     ({"model": "mistral-tiny", "messages": [{"role": "assistant", "content": "x"}]}, 400),
     ({"model": "mistral-small", "messages": QUESTION, "tools": [WEATHER_TOOL]}, 400),
+    ({"model": "mistral-small", "messages": QUESTION, "tools": [WEATHER_TOOL], "n": 3}, 400),
+    ({"model": "mistral-tiny", "messages": QUESTION, "n": 17}, 422),
 ])
 @pytest.mark.parametrize("stream", [False, True])
 def test_client_errors_are_mistral_shaped(http, body, status, stream):
@@ -241,6 +243,34 @@ def test_penalties_are_forwarded(http):
     assert penalised["choices"][0]["message"]["content"] != plain
     present = http.post("/v1/chat/completions", json={**body, "presence_penalty": 2.0}).json()
     assert present["choices"][0]["message"]["content"] != plain
+
+
+def test_n_choices_whole_and_streamed(http):
+    """`n` answers sampled with seeds seed, seed + 1, ...: streamed they interleave by index and
+    concatenate to the whole answers; greedy ones are all the same."""
+    body = {"model": "mistral-tiny", "messages": QUESTION, "max_tokens": 12, "temperature": 1.0, "random_seed": 5,
+            "n": 3}
+    whole = http.post("/v1/chat/completions", json=body).json()
+    assert [c["index"] for c in whole["choices"]] == [0, 1, 2]
+    texts = [c["message"]["content"] for c in whole["choices"]]
+    assert len(set(texts)) > 1, texts  # three seeds on a random model
+    one = http.post("/v1/chat/completions", json={**body, "n": 1, "random_seed": 6}).json()
+    assert one["choices"][0]["message"]["content"] == texts[1]
+    assert whole["usage"]["prompt_tokens"] == one["usage"]["prompt_tokens"]
+    assert whole["usage"]["completion_tokens"] == 3 * 12
+
+    streamed, ids = {0: "", 1: "", 2: ""}, set()
+    with http.stream("POST", "/v1/chat/completions", json={**body, "stream": True}) as response:
+        for line in response.iter_lines():
+            if line.startswith("data: {"):
+                chunk = json.loads(line[len("data: "):])
+                ids.add(chunk["id"])
+                choice = chunk["choices"][0]
+                streamed[choice["index"]] += choice["delta"].get("content") or ""
+    assert [streamed[i] for i in range(3)] == texts and len(ids) == 1
+
+    greedy = http.post("/v1/chat/completions", json={**body, "temperature": 0.0, "n": 2}).json()
+    assert greedy["choices"][0]["message"] == greedy["choices"][1]["message"]
 
 
 def test_client_leaving_a_stream_cancels_it_in_triton(server, http):
