@@ -210,6 +210,7 @@ def _serve_until_signal(server, on_ready=None, once: bool = False) -> int:
     # SIGINT too, explicitly: a shell starts background jobs with SIGINT ignored, and Python then
     # leaves it ignored, so `kill -INT` would not stop a server started with `&`.
     previous = {sig: signal.signal(sig, interrupt) for sig in (signal.SIGINT, signal.SIGTERM)}
+    interrupted = False
     try:
         server.start()
         print(f"Triton is serving: HTTP {server.http_url}, gRPC {server.grpc_url}, metrics {server.metrics_url}",
@@ -224,12 +225,13 @@ def _serve_until_signal(server, on_ready=None, once: bool = False) -> int:
         print(f"tritonserver exited unexpectedly; log {server.log_path}:\n{server.log_tail()}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
+        interrupted = True
         return 0
     finally:
         # A second Ctrl-C must not interrupt the clean-up of stubs and shared memory.
         signal.signal(signal.SIGINT, signal.SIG_IGN)
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
-        if server.is_running():  # not when start-up failed: start() has cleaned up already
+        if interrupted or server.is_running():  # not after a failed start-up: start() cleaned up
             print("Shutting down tritonserver...", flush=True)
         server.stop()
         for sig, handler in previous.items():
