@@ -27,14 +27,13 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from plateforme.clients.registry import Endpoint, Registry
 from plateforme.clients.sdk import (
-    AsyncTransport, ChatPlan, CompletionChunk, InvalidRequestError, ModelNotFoundError, PlateformeError,
-    StreamAssembler, completion_id, completion_response, embedding_response, plan_chat, stream_chunks_async,
+    MAX_CHOICES, AsyncTransport, ChatPlan, CompletionChunk, InvalidRequestError, ModelNotFoundError, PlateformeError,
+    StreamAssembler, all_or_none, completion_id, completion_response, embedding_response, plan_chat,
+    stream_chunks_async,
 )
 from plateforme.clients.triton_client import DEFAULT_GRPC_URL
 
 DEFAULT_PORT = 8080
-# The most choices (`n`) one request may ask for: each is a request of its own to the engine.
-MAX_CHOICES = 16
 # nginx's status for a request whose client closed the connection before the answer.
 CLIENT_CLOSED = 499
 # The counted routes, by path (the `route` label of plateforme_gateway_requests_total).
@@ -256,7 +255,7 @@ def create_app(config: GatewayConfig | None = None) -> FastAPI:
         # `n` choices are `n` requests sampled with their own seeds, sent together.
         plans = plan.choices(body.n or 1)
         if not body.stream:
-            answers = asyncio.ensure_future(_all_or_none(
+            answers = asyncio.ensure_future(all_or_none(
                 transport.complete(endpoint.model, choice.tensors(stream=False), stop_model=endpoint.engine_model)
                 for choice in plans))
             chunks = await _unless_disconnected(request, answers)
@@ -270,7 +269,7 @@ def create_app(config: GatewayConfig | None = None) -> FastAPI:
         streams = [transport.generate(endpoint.model, choice.tensors(stream=True), stream=True) for choice in plans]
         try:
             # The first chunks come before the response starts, so early errors get their status.
-            firsts = await _all_or_none(_first(stream) for stream in streams)
+            firsts = await all_or_none(_first(stream) for stream in streams)
         except BaseException:
             for stream in streams:
                 await stream.aclose()
@@ -343,19 +342,6 @@ def _message(message: Message) -> dict:
     if isinstance(message.content, list):
         out["content"] = [{"type": "text", "text": c.text} for c in message.content]
     return out
-
-
-async def _all_or_none(awaitables) -> list:
-    """The results of awaitables run together; when one fails (or this is cancelled) the others are
-    cancelled, which stops their requests in Triton, and the first error is raised."""
-    tasks = [asyncio.ensure_future(a) for a in awaitables]
-    try:
-        return await asyncio.gather(*tasks)
-    except BaseException:
-        for task in tasks:
-            task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
-        raise
 
 
 async def _first(stream: AsyncIterator):

@@ -16,6 +16,7 @@ import string
 import time
 import uuid
 from collections.abc import AsyncIterator, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Literal
 
 import numpy as np
@@ -31,6 +32,8 @@ SAFE_PROMPT = (
     "unethical, prejudiced, or negative content. Ensure replies promote fairness and positivity."
 )
 TOOL_CALLS_TOKEN = "[TOOL_CALLS]"
+# The most choices (`n`) one chat request may ask for: each is a request of its own to the engine.
+MAX_CHOICES = 16
 # The engine's finish reasons -> the Mistral API's.
 _FINISH_REASONS = {"end_id": "stop", "stop": "stop", "length": "length", "model_length": "model_length",
                    "cancelled": "error"}
@@ -476,26 +479,37 @@ class Chat:
     def __init__(self, client: "PlateformeClient"):
         self._client = client
 
-    def complete(self, *, model: str, messages: list[dict], **kwargs) -> ChatCompletionResponse:
+    def complete(self, *, model: str, messages: list[dict], n: int | None = None, **kwargs) -> ChatCompletionResponse:
+        """`n` choices are `n` requests sent together (see ChatPlan.choices)."""
         target, plan = self._client.resolve(model), plan_chat(messages, **_api_kwargs(kwargs))
-        chunk = join_chunks(self._client.transport.generate(target, plan.tensors(stream=False), stream=False))
-        return completion_response(model, plan, chunk)
+        plans = plan.choices(_choices(n))
+
+        def answer(choice: ChatPlan) -> GenerationChunk:
+            return join_chunks(self._client.transport.generate(target, choice.tensors(stream=False), stream=False))
+
+        if len(plans) == 1:
+            return completion_response(model, plan, answer(plan))
+        with ThreadPoolExecutor(len(plans)) as pool:
+            return completion_response(model, plan, *pool.map(answer, plans))
 
     def stream(self, *, model: str, messages: list[dict], **kwargs) -> EventStream:
         """The request is sent before this returns (its errors raise here), then chunks arrive as
         they are generated."""
-        target, plan = self._client.resolve(model), plan_chat(messages, **_api_kwargs(kwargs))
+        target, plan = self._client.resolve(model), plan_chat(messages, **_api_kwargs(kwargs, streamed=True))
         source = self._client.transport.generate(target, plan.tensors(stream=True), stream=True)
         return EventStream(model, plan, next(source, None), source)
 
-    async def complete_async(self, *, model: str, messages: list[dict], **kwargs) -> ChatCompletionResponse:
+    async def complete_async(self, *, model: str, messages: list[dict], n: int | None = None, **kwargs
+                             ) -> ChatCompletionResponse:
         target, plan = self._client.resolve(model), plan_chat(messages, **_api_kwargs(kwargs))
-        chunk = await self._client.async_transport.complete(target, plan.tensors(stream=False))
-        return completion_response(model, plan, chunk)
+        transport = self._client.async_transport
+        chunks = await all_or_none(transport.complete(target, choice.tensors(stream=False))
+                                   for choice in plan.choices(_choices(n)))
+        return completion_response(model, plan, *chunks)
 
     async def stream_async(self, *, model: str, messages: list[dict], **kwargs) -> EventStreamAsync:
         """`async for event in await client.chat.stream_async(...)`, as in mistralai."""
-        target, plan = self._client.resolve(model), plan_chat(messages, **_api_kwargs(kwargs))
+        target, plan = self._client.resolve(model), plan_chat(messages, **_api_kwargs(kwargs, streamed=True))
         source = self._client.async_transport.generate(target, plan.tensors(stream=True), stream=True)
         try:
             first = await source.__anext__()
@@ -507,12 +521,33 @@ class Chat:
         return EventStreamAsync(model, plan, first, source)
 
 
-def _api_kwargs(kwargs: dict) -> dict:
-    # mistralai passes `stream`; `n` > 1 is not served.
+def _api_kwargs(kwargs: dict, streamed: bool = False) -> dict:
+    # mistralai passes `stream`; streams of several choices are served by the gateway.
     kwargs = {k: v for k, v in kwargs.items() if v is not None and k != "stream"}
-    if kwargs.pop("n", 1) != 1:
-        raise InvalidRequestError("n must be 1")
+    if streamed and kwargs.pop("n", 1) != 1:
+        raise InvalidRequestError("a stream carries one choice here (n = 1); the gateway streams several")
     return kwargs
+
+
+def _choices(n: int | None) -> int:
+    if n is None:
+        return 1
+    if isinstance(n, bool) or not isinstance(n, int) or not 1 <= n <= MAX_CHOICES:
+        raise InvalidRequestError(f"n must be an integer in 1..{MAX_CHOICES}, got {n!r}")
+    return n
+
+
+async def all_or_none(awaitables) -> list:
+    """The results of awaitables run together; when one fails (or this is cancelled) the others are
+    cancelled, which stops their requests in Triton, and the first error is raised."""
+    tasks = [asyncio.ensure_future(a) for a in awaitables]
+    try:
+        return await asyncio.gather(*tasks)
+    except BaseException:
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        raise
 
 
 class Embeddings:

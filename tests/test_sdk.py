@@ -125,6 +125,24 @@ def test_chat_complete_answers_with_usage(client):
 
 
 @needs_server
+def test_n_choices_sync_and_async(client):
+    import asyncio
+
+    kwargs = dict(model="mistral-tiny", messages=QUESTION, temperature=1.0, max_tokens=8, random_seed=11)
+    many = client.chat.complete(n=3, **kwargs)
+    texts = [choice.message.content for choice in many.choices]
+    assert [choice.index for choice in many.choices] == [0, 1, 2] and len(set(texts)) > 1, texts
+    assert client.chat.complete(**{**kwargs, "random_seed": 13}).choices[0].message.content == texts[2]
+    assert many.usage.completion_tokens == 3 * 8
+    again = asyncio.run(client.chat.complete_async(n=3, **kwargs))
+    assert [choice.message.content for choice in again.choices] == texts
+    with pytest.raises(InvalidRequestError, match="n must be an integer in 1..16"):
+        client.chat.complete(n=0, **kwargs)
+    with pytest.raises(InvalidRequestError, match="a stream carries one choice"):
+        client.chat.stream(n=2, **kwargs)
+
+
+@needs_server
 def test_chat_stream_concatenates_to_the_answer(client):
     kwargs = dict(model="smollm2", messages=QUESTION, temperature=0.0, max_tokens=12)
     full = client.chat.complete(**kwargs).choices[0].message.content
