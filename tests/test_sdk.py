@@ -294,27 +294,29 @@ def wait_for_idle_engine(server, model="mistral-tiny-engine", timeout=30.0):
 def test_leaving_a_stream_cancels_it_in_triton(server):
     import asyncio
 
-    long = dict(model="mistral-tiny", messages=[{"role": "user", "content": "Talk."}], max_tokens=200,
+    # The demo model, whose long answer outlasts the test's reads (the tiny random one may not).
+    long = dict(model="smollm2", messages=[{"role": "user", "content": "Tell a long story."}], max_tokens=1000,
                 temperature=1.0, random_seed=1)
+    engine = "smollm2-engine"
     with PlateformeClient(server.grpc_url) as client:
         for i, event in enumerate(client.chat.stream(**long)):  # sync: break out of the loop
             if i == 3:
-                assert _gauge(server) == 1
+                assert _gauge(server, engine) == 1
                 break
-        wait_for_idle_engine(server)
+        wait_for_idle_engine(server, engine)
         with client.chat.stream(**long) as events:  # sync: leave a with block
             next(events), next(events)
-        wait_for_idle_engine(server)
+        wait_for_idle_engine(server, engine)
 
         async def leave_async():
             async with PlateformeClient(server.grpc_url) as aclient:
                 stream = await aclient.chat.stream_async(**long)
                 async for _ in stream:
                     break
-                assert _gauge(server) == 1
+                assert _gauge(server, engine) == 1
                 await stream.close()
                 await asyncio.sleep(0)
-                wait_for_idle_engine(server)
+                wait_for_idle_engine(server, engine)
                 task = asyncio.ensure_future(_drain(await aclient.chat.stream_async(**long)))  # task cancelled
                 await asyncio.sleep(0.3)
                 task.cancel()
@@ -322,7 +324,7 @@ def test_leaving_a_stream_cancels_it_in_triton(server):
                     await task
 
         asyncio.run(leave_async())
-        wait_for_idle_engine(server)
+        wait_for_idle_engine(server, engine)
         after = client.chat.complete(**{**long, "max_tokens": 5})
         assert after.usage.completion_tokens == 5 and after.choices[0].finish_reason == "length"
 
