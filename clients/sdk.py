@@ -180,7 +180,7 @@ def plan_chat(
             messages[0] = {**messages[0], "content": f"{SAFE_PROMPT}\n\n{messages[0].get('content') or ''}"}
         else:
             messages.insert(0, {"role": "system", "content": SAFE_PROMPT})
-    tools = [_plain(t) for t in tools] if tools else None
+    tools = [_with_parameters(_plain(t)) for t in tools] if tools else None
     allowed = tools
     forced = False
     if tool_choice is not None and not tools and _plain(tool_choice) not in ("none", "auto"):
@@ -226,6 +226,15 @@ def plan_chat(
         elif kind != "text":
             raise InvalidRequestError(f"response_format.type must be text, json_object or json_schema; got {kind!r}")
     return plan
+
+
+def _with_parameters(tool: dict) -> dict:
+    """A function without `parameters` takes none (as in Mistral's API); chat encodings need the schema."""
+    function = tool.get("function")
+    if isinstance(function, dict) and function.get("parameters") is None:
+        none = {"type": "object", "properties": {}, "additionalProperties": False}
+        return {**tool, "function": {**function, "parameters": none}}
+    return tool
 
 
 def _tool_calls_schema(tools: list[dict]) -> dict:
