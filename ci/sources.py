@@ -65,17 +65,22 @@ def _from_hub(source: SourceSpec, hub_cache: Path) -> Path:
     except ImportError:  # pragma: no cover - transformers depends on huggingface_hub
         raise SourceError("hub sources need the huggingface_hub package") from None
     patterns = ["*.json", "*.safetensors", "tokenizer.model*", "*.model.v*", "*.txt", "*.jinja"]
-    kwargs = dict(repo_id=source.hub, revision=source.revision, cache_dir=hub_cache, allow_patterns=patterns)
-    with contextlib.suppress(LocalEntryNotFoundError, FileNotFoundError, OSError):
-        return Path(snapshot_download(local_files_only=True, **kwargs))
+    kwargs = dict(repo_id=source.hub, revision=source.revision, allow_patterns=patterns)
+    # The user's own Hugging Face cache (HF_HUB_CACHE / HF_HOME) first: a 90 GB checkpoint already
+    # downloaded there is not fetched again; then the pipeline's cache, where it downloads.
+    for cache in (None, hub_cache):
+        with contextlib.suppress(LocalEntryNotFoundError, FileNotFoundError, OSError):
+            return Path(snapshot_download(local_files_only=True, cache_dir=cache, **kwargs))
     if os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False"):
+        from huggingface_hub.constants import HF_HUB_CACHE
+
         raise SourceError(
-            f"{source.hub} is not in the local hub cache ({hub_cache}) and hub access is off (HF_HUB_OFFLINE="
+            f"{source.hub} is in neither local hub cache ({HF_HUB_CACHE}, {hub_cache}) and hub access is off (HF_HUB_OFFLINE="
             f"{os.environ['HF_HUB_OFFLINE']}). On a machine that reaches huggingface.co set HF_HUB_OFFLINE=0 "
             "(and HF_TOKEN for gated models); elsewhere download the checkpoint and give `source: {path: DIR}`"
         )
     try:
-        return Path(snapshot_download(**kwargs))
+        return Path(snapshot_download(cache_dir=hub_cache, **kwargs))
     except (HfHubHTTPError, OSError, ValueError) as exc:
         raise SourceError(
             f"cannot fetch {source.hub} from the Hugging Face Hub: {type(exc).__name__}: {exc}. The hub cannot "

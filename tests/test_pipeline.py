@@ -267,6 +267,26 @@ def test_hub_source_without_hub_access_says_so(tmp_path, capsys, monkeypatch):
     assert "mistralai/Mistral-7B-Instruct-v0.2" in output and "hub access is off" in output
 
 
+def test_hub_source_is_found_in_the_users_hugging_face_cache(tmp_path, capsys, monkeypatch, tiny_mistral_dir):
+    """A checkpoint already in HF_HUB_CACHE is used as it is, with hub access off."""
+    import huggingface_hub.constants
+
+    commit = "0" * 40
+    repo = tmp_path / "hf-cache" / "models--someone--tiny-mistral"
+    shutil.copytree(tiny_mistral_dir, repo / "snapshots" / commit)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(commit)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hf-cache"))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    manifest = write_manifest(tmp_path / "m.yaml", {"mistral-tiny": {"source": {"hub": "someone/tiny-mistral"},
+                                                                     "dtype": "float32"}})
+    cache = tmp_path / "cache"
+    code, output = run_cli(capsys, manifest, "--cache-dir", cache, "--out", tmp_path / "out", "--stages", "convert")
+    assert code == 0, output
+    assert not (cache / "hub").exists()  # nothing downloaded or copied into the pipeline's hub cache
+    assert list((cache / "entries").glob("mistral-tiny-*/stages/convert.json"))
+
+
 # -- manifest errors ------------------------------------------------------------------------------
 @pytest.mark.parametrize("entry, message", [
     ({"source": "smollm2-mistral", "colour": "blue"}, "endpoint mistral-tiny: field colour: unknown field"),
