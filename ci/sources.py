@@ -75,8 +75,8 @@ def _from_hub(source: SourceSpec, hub_cache: Path) -> Path:
         from huggingface_hub.constants import HF_HUB_CACHE
 
         raise SourceError(
-            f"{source.hub} is in neither local hub cache ({HF_HUB_CACHE}, {hub_cache}) and hub access is off (HF_HUB_OFFLINE="
-            f"{os.environ['HF_HUB_OFFLINE']}). On a machine that reaches huggingface.co set HF_HUB_OFFLINE=0 "
+            f"{source.hub} is in neither local hub cache ({HF_HUB_CACHE}, {hub_cache}) and hub access is off "
+            f"(HF_HUB_OFFLINE={os.environ['HF_HUB_OFFLINE']}). On a machine that reaches huggingface.co set HF_HUB_OFFLINE=0 "
             "(and HF_TOKEN for gated models); elsewhere download the checkpoint and give `source: {path: DIR}`"
         )
     try:
