@@ -250,9 +250,11 @@ def cmd_serve(args) -> int:
 
 
 def cmd_demo(args) -> int:
-    from plateforme.server import TritonServer, check_port_free
+    from plateforme.server import TritonServer, check_distinct_ports, check_port_free
 
     if not args.once:  # the gateway starts after the server: find out now that its port is taken
+        check_distinct_ports({"--http-port": args.http_port, "--grpc-port": args.grpc_port,
+                              "--metrics-port": args.metrics_port, "--gateway-port": args.gateway_port})
         check_port_free(args.host, args.gateway_port, "--gateway-port")
     chat, embeddings = _demo_endpoints(args.assets_dir, quiet=False)
     repository = _render(args, chat, embeddings)

@@ -179,14 +179,16 @@ class TritonServer:
         return env
 
     def start(self, timeout: float = 300.0) -> "TritonServer":
+        ports = {"--http-port": self.config.http_port, "--grpc-port": self.config.grpc_port,
+                 "--metrics-port": self.config.metrics_port}
+        check_distinct_ports(ports)
         repo = Path(self.config.model_repository)
         if not repo.is_dir():
             raise ServerError(f"model repository {repo} does not exist or is not a directory")
         if not any(repo.glob("*/config.pbtxt")):
             raise ServerError(f"model repository {repo} holds no models (no MODEL/config.pbtxt in it); "
                               "render one with `plateforme repo`")
-        for flag, port in (("--http-port", self.config.http_port), ("--grpc-port", self.config.grpc_port),
-                           ("--metrics-port", self.config.metrics_port)):
+        for flag, port in ports.items():
             check_port_free(self.config.host, port, flag)
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         self._log_handle = open(self.log_path, "wb")
@@ -287,6 +289,15 @@ class TritonServer:
 
     def __exit__(self, *exc) -> None:
         self.stop()
+
+
+def check_distinct_ports(ports: dict[str, int]) -> None:
+    """Each service its own port: `ports` maps option names to their values."""
+    first_flag: dict[int, str] = {}
+    for flag, port in ports.items():
+        if port in first_flag:
+            raise ServerError(f"{first_flag[port]} and {flag} are both {port}; give each its own port")
+        first_flag[port] = flag
 
 
 def check_port_free(host: str, port: int, flag: str) -> None:
