@@ -126,7 +126,8 @@ def _check_chat_model_dir(endpoint: ChatEndpoint) -> None:
     if endpoint.engine not in ENGINE_KINDS:
         raise RepositoryError(f"{endpoint.name}: engine must be one of {ENGINE_KINDS}")
     if endpoint.engine == "tensorrtllm" and not (endpoint.engine_dir and Path(endpoint.engine_dir).is_dir()):
-        raise RepositoryError(f"{endpoint.name}: --engine tensorrtllm needs an existing engine directory")
+        raise RepositoryError(f"{endpoint.name}: engine tensorrtllm needs an existing engine directory "
+                              f"(--engine-dir {endpoint.name}=DIR), got {endpoint.engine_dir}")
     if endpoint.separate_prefill not in SEPARATE_PREFILL_CHOICES:
         raise RepositoryError(
             f"{endpoint.name}: separate_prefill must be one of {SEPARATE_PREFILL_CHOICES}, "

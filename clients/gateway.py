@@ -189,7 +189,7 @@ def create_app(config: GatewayConfig | None = None) -> FastAPI:
 
     @app.exception_handler(RequestValidationError)
     async def invalid_body(request: Request, exc: RequestValidationError):
-        problems = "; ".join(f"{'.'.join(str(p) for p in e['loc'] if p != 'body')}: {e['msg']}" for e in exc.errors())
+        problems = "; ".join(_problem(e) for e in exc.errors())
         model = exc.body.get("model") if isinstance(exc.body, dict) else None
         return refused(request, 422, f"invalid request: {problems}", model if isinstance(model, str) else None)
 
@@ -342,6 +342,14 @@ def _message(message: Message) -> dict:
     if isinstance(message.content, list):
         out["content"] = [{"type": "text", "text": c.text} for c in message.content]
     return out
+
+
+def _problem(error: dict) -> str:
+    """One of pydantic's validation errors, as its field path and message."""
+    if error.get("type") == "json_invalid":  # its location is a character offset
+        return f"the body is not valid JSON ({error.get('ctx', {}).get('error', error['msg'])})"
+    where = ".".join(str(part) for part in error["loc"] if part != "body")
+    return f"{where}: {error['msg']}" if where else error["msg"]
 
 
 async def _first(stream: AsyncIterator):

@@ -55,6 +55,8 @@ class PlateformeError(EndpointError):
     status_code = 500
 
     def __init__(self, message: str):
+        # Triton names the ensemble a composing model's error went through; the caller named it already.
+        message = re.sub(r"^in ensemble '[^']*', ", "", message)
         super().__init__(message)
         self.message = message
 
@@ -333,7 +335,7 @@ class Transport(_TransportSettings):
                 try:
                     result, error = results.get(timeout=self.timeout)
                 except queue.Empty:
-                    raise AnswerTimeoutError(f"no response from {model} within {self.timeout:.0f} s") from None
+                    raise AnswerTimeoutError(f"no response from {model} within {self.timeout:g} s") from None
                 if error is not None:
                     raise classify(error)
                 response = result.get_response()

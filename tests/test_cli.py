@@ -106,7 +106,7 @@ def test_chat_error_from_the_server_is_reported(server):
     assert "max_tokens" in result.stderr and "Traceback" not in result.stderr
     over_http = plateforme("chat", "hi", "--model", "smollm2", "--url", server.http_url, "--http", "--max-tokens", "0")
     assert over_http.returncode == 2 and "data:" not in over_http.stderr
-    assert over_http.stderr.startswith("plateforme chat: error: in ensemble 'smollm2', max_tokens must be")
+    assert over_http.stderr.startswith("plateforme chat: error: max_tokens must be")
     # An endpoint of the other kind is named as such, before any call.
     wrong = plateforme("chat", "hi", "--model", "mistral-embed", "--url", server.grpc_url)
     assert wrong.returncode == 2

@@ -180,6 +180,13 @@ def test_client_errors_are_mistral_shaped(http, body, status, stream):
     assert response.status_code == status, response.text
     error = response.json()
     assert error["object"] == "error" and error["message"]
+    assert not error["message"].startswith("in ensemble")  # Triton's routing is not the caller's business
+
+
+def test_a_body_that_is_not_json_is_named_so(http):
+    response = http.post("/v1/chat/completions", content=b"garbage", headers={"Content-Type": "application/json"})
+    assert response.status_code == 422
+    assert response.json()["message"] == "invalid request: the body is not valid JSON (Expecting value)"
 
 
 def test_api_keys(server):
