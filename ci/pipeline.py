@@ -199,8 +199,9 @@ class Pipeline:
         from rich.markup import escape
 
         detail = f" - {escape(result.detail)}" if result.detail else ""
+        # soft_wrap: one line per result whatever the width (CI logs are read with grep).
         self.console.print(f"[{style}]{result.status:>7}[/] {who}: {stage} ({result.seconds:.1f} s){detail}",
-                           highlight=False)
+                           highlight=False, soft_wrap=True)
 
     # -- inputs and keys -------------------------------------------------------------------
     def _prepare(self, run: EndpointRun) -> None:

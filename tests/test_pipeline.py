@@ -169,6 +169,9 @@ def test_tokenizer_that_does_not_fit_the_vocabulary_fails_in_validate(tmp_path, 
     assert code == 1
     assert "endpoint mistral-tiny, stage validate" in output
     assert "32768 tokens" in output and "32000 rows" in output
+    # One line per result, however long (the console is not a terminal here: 80 columns).
+    failed = next(line for line in output.splitlines() if line.lstrip().startswith("FAILED mistral-tiny: validate"))
+    assert len(failed) > 80 and "32768 tokens" in failed and "32000 rows" in failed
     assert not out.exists()
 
     (source / "tokenizer.model.v3").unlink()
