@@ -74,6 +74,15 @@ def fill_template(template_text: str, values: dict[str, object], strict: bool = 
     return string.Template(template_text).safe_substitute(merged)
 
 
+def fill_file(path: Path, substitutions: str, in_place: bool = False) -> str:
+    """The template at `path` filled from "key_1:value_1,..."; with `in_place`, also written back
+    (atomically)."""
+    filled = fill_template(Path(path).read_text(), parse_substitutions(substitutions))
+    if in_place:
+        atomic_write_text(path, filled)
+    return filled
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("file_path", type=Path, help="the config.pbtxt template")
@@ -82,14 +91,11 @@ def main(argv: list[str] | None = None) -> int:
                         help="rewrite the file instead of printing it")
     args = parser.parse_args(argv)
     try:
-        text = args.file_path.read_text()
-        filled = fill_template(text, parse_substitutions(args.substitutions))
+        filled = fill_file(args.file_path, args.substitutions, args.in_place)
     except (OSError, TemplateError) as exc:
         print(f"fill_template: {exc}", file=sys.stderr)
         return 2
-    if args.in_place:
-        atomic_write_text(args.file_path, filled)
-    else:
+    if not args.in_place:
         sys.stdout.write(filled)
     return 0
 

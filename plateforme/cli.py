@@ -300,6 +300,7 @@ def cmd_gateway(args) -> int:
 
 
 def _demo_calls(server) -> None:
+    from plateforme.clients.sdk import finish_reason
     from plateforme.clients.triton_client import GenerationParams, TritonEndpoints
 
     client = TritonEndpoints(server.grpc_url)
@@ -313,7 +314,7 @@ def _demo_calls(server) -> None:
             last = chunk
         if last:
             print(f"\n[{endpoint}] ({last.num_input_tokens} prompt tokens, {last.num_output_tokens} "
-                  f"generated, finish: {last.finish_reason})")
+                  f"generated, finish: {finish_reason(last.finish_reason)})")
     sentences = ["Paris is the capital of France.", "The French capital is Paris.",
                  "Mixture-of-experts layers route tokens."]
     vectors, counts = client.embed("mistral-embed", sentences)
@@ -339,6 +340,7 @@ def _resolve(client, model: str, kind: str) -> str:
 
 
 def cmd_chat(args) -> int:
+    from plateforme.clients.sdk import finish_reason
     from plateforme.clients.triton_client import GenerationParams, TritonEndpoints
 
     client = TritonEndpoints(args.url, protocol="http" if args.http else "grpc")
@@ -355,7 +357,7 @@ def cmd_chat(args) -> int:
     print()
     if args.verbose and last:
         print(f"({last.num_input_tokens} prompt tokens, {last.num_output_tokens} generated, "
-              f"finish: {last.finish_reason})", file=sys.stderr)
+              f"finish: {finish_reason(last.finish_reason)})", file=sys.stderr)
     return 0
 
 
@@ -387,9 +389,15 @@ def cmd_pipeline_run(args) -> int:
 
 
 def cmd_fill_template(args) -> int:
-    from plateforme.builders import fill_template
+    from plateforme.builders.fill_template import TemplateError, fill_file
 
-    return fill_template.main([str(args.file_path), args.substitutions] + (["-i"] if args.in_place else []))
+    try:
+        filled = fill_file(args.file_path, args.substitutions, args.in_place)
+    except TemplateError as exc:
+        raise CommandError(str(exc)) from None
+    if not args.in_place:
+        sys.stdout.write(filled)
+    return 0
 
 
 def cmd_export_embedder(args) -> int:
@@ -408,12 +416,22 @@ def cmd_export_embedder(args) -> int:
 
 
 # -- parser ------------------------------------------------------------------------------
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("plateforme")
+    except PackageNotFoundError:  # run from a source tree that is not installed
+        return "(not installed)"
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="plateforme",
         description="Mistral's La Plateforme endpoints (mistral-tiny, -small, -medium, -embed) served "
                     "from NVIDIA Triton Inference Server.",
     )
+    parser.add_argument("--version", action="version", version=f"plateforme {_version()}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
     p = sub.add_parser("assets", help="prepare the demo checkpoints (cached)",
@@ -536,14 +554,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--port", type=port_number, default=8080, help="port (default 8080)")
     p.set_defaults(func=cmd_gateway)
 
-    p = sub.add_parser("chat", help="chat with an endpoint of a running server")
+    p = sub.add_parser("chat", help="chat with an endpoint of a running server",
+                       description="Send one user message (with an optional system prompt) to a chat endpoint of "
+                                   "a running server and print the answer as it streams.")
     p.add_argument("prompt", help="the user message")
-    p.add_argument("--model", default="mistral-tiny", help="endpoint (default mistral-tiny)")
+    p.add_argument("--model", default="mistral-tiny", help="endpoint or alias (default mistral-tiny)")
     p.add_argument("--system", help="a system prompt")
-    p.add_argument("--max-tokens", type=int, default=256)
-    p.add_argument("--temperature", type=float, help="0 for greedy")
-    p.add_argument("--top-p", type=float)
-    p.add_argument("--seed", type=int)
+    p.add_argument("--max-tokens", type=int, default=256, help="most tokens to generate (default 256)")
+    p.add_argument("--temperature", type=float, help="sampling temperature (default: greedy, as 0)")
+    p.add_argument("--top-p", type=float, help="nucleus sampling mass (default 1 with a temperature)")
+    p.add_argument("--seed", type=int, help="random seed, for reproducible sampling")
     p.add_argument("--stop", action="append", help="stop word (repeatable)")
     p.add_argument("--no-stream", action="store_true", help="wait for the whole answer")
     p.add_argument("-v", "--verbose", action="store_true", help="print token counts and finish reason")
@@ -575,16 +595,17 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("fill-template", help="fill ${name} placeholders of a config.pbtxt template",
                        description="tensorrtllm_backend's fill_template.py convention: key:value,key:value")
-    p.add_argument("file_path", type=Path)
-    p.add_argument("substitutions")
-    p.add_argument("-i", "--in-place", action="store_true")
+    p.add_argument("file_path", type=Path, help="the config.pbtxt template")
+    p.add_argument("substitutions", help="key_1:value_1,key_2:value_2,... (a comma inside a value as \\,)")
+    p.add_argument("-i", "--in-place", action="store_true", help="rewrite the file instead of printing it")
     p.set_defaults(func=cmd_fill_template)
 
     p = sub.add_parser("export-embedder", help="embedding checkpoint -> ONNX (encoder + pooling + normalisation)",
                        description="Export a sentence-transformers BERT checkpoint to OUT_DIR/model.onnx with its "
                                    "tokenizer; --check compares it with PyTorch (polygraphy, ONNX Runtime) and lints it.")
-    p.add_argument("model_dir", type=Path)
-    p.add_argument("out_dir", type=Path)
+    p.add_argument("model_dir", type=Path, help="a sentence-transformers BERT checkpoint (config.json, weights, "
+                                                 "tokenizer, 1_Pooling)")
+    p.add_argument("out_dir", type=Path, help="where to write model.onnx, embedder.json and the tokenizer files")
     p.add_argument("--check", action="store_true", help="run the polygraphy checks after the export")
     p.set_defaults(func=cmd_export_embedder)
     return parser

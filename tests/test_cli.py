@@ -32,6 +32,7 @@ def test_help_lists_the_subcommands():
     for flag in ("--host", "--http-port", "--grpc-port", "--metrics-port"):
         assert flag in serve_help and flag in demo_help
     assert "--once" in demo_help
+    assert re.fullmatch(r"plateforme \d+\.\d+\.\d+\n", plateforme("--version").stdout)
 
 
 @pytest.mark.parametrize("args,message", [
@@ -46,6 +47,7 @@ def test_help_lists_the_subcommands():
     (["serve", "--model-repository", str(Path(__file__).parent), "--http-port", "9000", "--grpc-port", "9000"],
      "--http-port and --grpc-port are both 9000; give each its own port"),
     (["demo", "--gateway-port", "8002"], "--metrics-port and --gateway-port are both 8002"),
+    (["fill-template", __file__, "no-colon"], "plateforme fill-template: error: substitution 'no-colon' is not key:value"),
 ])
 def test_user_mistakes_are_one_clear_line(args, message):
     result = plateforme(*args)
