@@ -30,7 +30,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 from results import record  # noqa: E402
 
 MESSAGES = [{"role": "user", "content": "Hi"}]
-COMMAND = "python bench/gateway_overhead.py"
+COMMAND = "python bench/gateway_overhead.py --record"
 
 
 def direct_call(client, tensors, results: queue.Queue) -> float:
@@ -71,7 +71,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--requests", type=int, default=200)
     parser.add_argument("--model", choices=["tiny", "smollm2"], default="tiny")
-    parser.add_argument("--no-record", action="store_true", help="print only, do not write RESULTS.md")
+    parser.add_argument("--record", action="store_true", help="append the figures to bench/RESULTS.md")
     args = parser.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -170,7 +170,7 @@ def main() -> None:
                   f"{ms(aio, 50):.2f} ms; gateway minus it (HTTP + FastAPI + request mapping): p50 difference "
                   f"{ms(through, 50) - ms(aio, 50):.2f} ms, median of per-pair differences "
                   f"{statistics.median(paired_aio) * 1e3:.2f} ms"]
-    if not args.no_record:
+    if args.record:
         record("## Gateway overhead", COMMAND, time.strftime("### %Y-%m-%d %H:%M"), lines)
     print("\n".join(lines))
 
