@@ -245,6 +245,7 @@ def cmd_serve(args) -> int:
     # TensorRT-LLM engines must match the TensorRT-LLM installed here and their tokenizers.
     check_repository_engines(args.model_repository)
     server = TritonServer(_server_config(args, Path(args.model_repository)))
+    server.check()
     print(f"Starting tritonserver on {args.model_repository} (log: {server.log_path})", flush=True)
     return _serve_until_signal(server)
 
@@ -401,12 +402,15 @@ def cmd_fill_template(args) -> int:
 
 
 def cmd_export_embedder(args) -> int:
+    from plateforme.builders.assets import quiet_transformers
     from plateforme.builders.onnx_embedder import check_embedder_onnx, export_embedder_onnx
 
-    onnx_path = export_embedder_onnx(args.model_dir, args.out_dir)
+    with quiet_transformers():  # its loading bars say nothing here, and twice
+        onnx_path = export_embedder_onnx(args.model_dir, args.out_dir)
     print(f"ONNX embedder written to {onnx_path.parent} ({onnx_path.stat().st_size / 1e6:.1f} MB graph)")
     if args.check:
-        check = check_embedder_onnx(onnx_path, args.model_dir)
+        with quiet_transformers():
+            check = check_embedder_onnx(onnx_path, args.model_dir)
         print(f"  check passed: {check.texts} texts in {check.cases} batches (up to {check.max_sequence} tokens), "
               f"max |diff| {check.max_abs_diff:.2e} (atol {check.atol:g}, rtol {check.rtol:g}), "
               f"lowest cosine {check.min_cosine:.7f}; lint: {check.lint_nodes_passing} nodes, "

@@ -178,7 +178,8 @@ class TritonServer:
         env.setdefault("PYTHONUNBUFFERED", "1")
         return env
 
-    def start(self, timeout: float = 300.0) -> "TritonServer":
+    def check(self) -> None:
+        """What start() would fail on before launching anything: ports and the repository."""
         ports = {"--http-port": self.config.http_port, "--grpc-port": self.config.grpc_port,
                  "--metrics-port": self.config.metrics_port}
         check_distinct_ports(ports)
@@ -190,6 +191,9 @@ class TritonServer:
                               "render one with `plateforme repo`")
         for flag, port in ports.items():
             check_port_free(self.config.host, port, flag)
+
+    def start(self, timeout: float = 300.0) -> "TritonServer":
+        self.check()
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         self._log_handle = open(self.log_path, "wb")
         self.process = subprocess.Popen(
