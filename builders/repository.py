@@ -126,8 +126,9 @@ def _check_chat_model_dir(endpoint: ChatEndpoint) -> None:
     if endpoint.engine not in ENGINE_KINDS:
         raise RepositoryError(f"{endpoint.name}: engine must be one of {ENGINE_KINDS}")
     if endpoint.engine == "tensorrtllm" and not (endpoint.engine_dir and Path(endpoint.engine_dir).is_dir()):
+        given = f", not {endpoint.engine_dir}" if endpoint.engine_dir else ""
         raise RepositoryError(f"{endpoint.name}: engine tensorrtllm needs an existing engine directory "
-                              f"(--engine-dir {endpoint.name}=DIR), got {endpoint.engine_dir}")
+                              f"(--engine-dir {endpoint.name}=DIR){given}")
     if endpoint.separate_prefill not in SEPARATE_PREFILL_CHOICES:
         raise RepositoryError(
             f"{endpoint.name}: separate_prefill must be one of {SEPARATE_PREFILL_CHOICES}, "
@@ -272,7 +273,7 @@ def _supports_tools(endpoint: ChatEndpoint) -> bool:
 
 
 def _chat_models(
-    endpoint: ChatEndpoint, facts: engine_manifest.EngineFacts | None = None, function_calling: bool = True
+    endpoint: ChatEndpoint, facts: engine_manifest.EngineFacts | None, function_calling: bool
 ) -> dict[str, tuple[str, dict]]:
     """model name -> (template, placeholder values) for one chat endpoint (`facts`: those of its
     TensorRT-LLM engine; `function_calling`: whether its tokenizer takes tools, told to clients by

@@ -70,14 +70,18 @@ def _from_hub(source: SourceSpec, hub_cache: Path) -> Path:
     # downloaded there is not fetched again; then the pipeline's cache, where it downloads.
     for cache in (None, hub_cache):
         with contextlib.suppress(LocalEntryNotFoundError, FileNotFoundError, OSError):
-            return Path(snapshot_download(local_files_only=True, cache_dir=cache, **kwargs))
+            found = Path(snapshot_download(local_files_only=True, cache_dir=cache, **kwargs))
+            # Another tool may have cached only part of it (the config, the tokenizer).
+            if (found / "config.json").is_file() and any(found.glob("*.safetensors")):
+                return found
     if os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False"):
         from huggingface_hub.constants import HF_HUB_CACHE
 
         raise SourceError(
             f"{source.hub} is in neither local hub cache ({HF_HUB_CACHE}, {hub_cache}) and hub access is off "
-            f"(HF_HUB_OFFLINE={os.environ['HF_HUB_OFFLINE']}). On a machine that reaches huggingface.co set HF_HUB_OFFLINE=0 "
-            "(and HF_TOKEN for gated models); elsewhere download the checkpoint and give `source: {path: DIR}`"
+            f"(HF_HUB_OFFLINE={os.environ['HF_HUB_OFFLINE']}). On a machine that reaches huggingface.co set "
+            "HF_HUB_OFFLINE=0 (and HF_TOKEN for gated models); elsewhere download the checkpoint and give "
+            "`source: {path: DIR}`"
         )
     try:
         return Path(snapshot_download(cache_dir=hub_cache, **kwargs))

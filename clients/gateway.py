@@ -28,7 +28,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from plateforme.clients.registry import Endpoint, Registry
 from plateforme.clients.sdk import (
     MAX_CHOICES, AsyncTransport, ChatPlan, CompletionChunk, InvalidRequestError, ModelNotFoundError, PlateformeError,
-    StreamAssembler, all_or_none, completion_id, completion_response, embedding_response, plan_chat,
+    UsageInfo, all_or_none, completion_id, completion_response, embedding_response, plan_chat,
     stream_chunks_async,
 )
 from plateforme.clients.triton_client import DEFAULT_GRPC_URL
@@ -255,9 +255,9 @@ def create_app(config: GatewayConfig | None = None) -> FastAPI:
         # `n` choices are `n` requests sampled with their own seeds, sent together.
         plans = plan.choices(body.n or 1)
         if not body.stream:
-            answers = asyncio.ensure_future(all_or_none(
+            answers = asyncio.ensure_future(all_or_none([
                 transport.complete(endpoint.model, choice.tensors(stream=False), stop_model=endpoint.engine_model)
-                for choice in plans))
+                for choice in plans]))
             chunks = await _unless_disconnected(request, answers)
             if chunks is None:  # the client went away: its requests were stopped, nobody reads an answer
                 metrics.requests.labels("chat", body.model, str(CLIENT_CLOSED)).inc()
@@ -269,7 +269,7 @@ def create_app(config: GatewayConfig | None = None) -> FastAPI:
         streams = [transport.generate(endpoint.model, choice.tensors(stream=True), stream=True) for choice in plans]
         try:
             # The first chunks come before the response starts, so early errors get their status.
-            firsts = await all_or_none(_first(stream) for stream in streams)
+            firsts = await all_or_none([_first(stream) for stream in streams])
         except BaseException:
             for stream in streams:
                 await stream.aclose()
@@ -361,28 +361,25 @@ async def _first(stream: AsyncIterator):
 
 async def _interleaved_choices(model: str, plans: list[ChatPlan], sources: list[AsyncIterator]
                                ) -> AsyncIterator[CompletionChunk]:
-    """The stream chunks of several choices as they come, each with its index, under one id; each
-    choice's last chunk carries its usage. An error in one ends them all."""
-    answer_id = completion_id()
+    """The stream chunks of several choices as they come, each with its index, under one id. The
+    last choice to finish carries the usage of all (the prompt counted once, as in a whole answer).
+    An error in one ends them all. (Chunks wait in an unbounded queue: n is at most MAX_CHOICES and
+    each answer at most max_tokens.)"""
+    answer = (completion_id(), int(time.time()))
     queue: asyncio.Queue = asyncio.Queue()
 
     async def pump(index: int) -> None:
-        assembler = StreamAssembler(model, plans[index], index, answer_id)
         try:
-            queue.put_nowait(assembler.start())
-            async for chunk in sources[index]:
-                if (out := assembler.feed(chunk)) is not None:
-                    queue.put_nowait(out)
-            queue.put_nowait(assembler.finish())
+            async for chunk in stream_chunks_async(model, plans[index], sources[index], index, answer):
+                queue.put_nowait(chunk)  # closing the stream (cancelled, or an error) cancels its request
         except Exception as exc:
             queue.put_nowait(exc)
         finally:
-            await sources[index].aclose()  # cancels the request in Triton when it did not end
             queue.put_nowait(None)
 
     pumps = [asyncio.ensure_future(pump(index)) for index in range(len(sources))]
     try:
-        running = len(pumps)
+        running, completion_tokens = len(pumps), 0
         while running:
             item = await queue.get()
             if item is None:
@@ -390,6 +387,12 @@ async def _interleaved_choices(model: str, plans: list[ChatPlan], sources: list[
             elif isinstance(item, Exception):
                 raise item
             else:
+                if item.usage is not None:  # a choice's last chunk
+                    completion_tokens += item.usage.completion_tokens
+                    finished_all = running == 1
+                    item.usage = UsageInfo(prompt_tokens=item.usage.prompt_tokens, completion_tokens=completion_tokens,
+                                           total_tokens=item.usage.prompt_tokens + completion_tokens
+                                           ) if finished_all else None
                 yield item
     finally:
         for task in pumps:

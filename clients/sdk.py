@@ -9,14 +9,16 @@ the gateway. No torch, no models: only the wire.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import random
 import re
 import string
+import threading
 import time
 import uuid
 from collections.abc import AsyncIterator, Iterator
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
 from typing import Any, Literal
 
 import numpy as np
@@ -146,7 +148,7 @@ class ChatPlan(BaseModel):
             return [self]
         base = self.params.get("seed")
         base = random.getrandbits(62) if base is None else base
-        return [self.model_copy(update={"params": {**self.params, "seed": (base + i) % 2**63}}) for i in range(n)]
+        return [self.model_copy(update={"params": {**self.params, "seed": (base + i) % 2**64}}) for i in range(n)]
 
 
 def plan_chat(
@@ -317,9 +319,10 @@ class StreamAssembler:
     chunk with the finish reason and usage. An answer that is a tool call is held back and sent
     as one `tool_calls` delta. Shared by the sync and asyncio streams."""
 
-    def __init__(self, model: str, plan: ChatPlan, index: int = 0, id: str | None = None):
+    def __init__(self, model: str, plan: ChatPlan, index: int = 0, answer: tuple[str, int] | None = None):
+        """`index`: the choice's; `answer`: the (id, created) its chunks share with the other choices."""
         self.model, self.plan, self.index = model, plan, index
-        self.id, self.created = id or completion_id(), int(time.time())
+        self.id, self.created = answer or (completion_id(), int(time.time()))
         self.held, self.holding = "", plan.forced_tool_call
         self.last: GenerationChunk | None = None
 
@@ -358,9 +361,9 @@ def stream_chunks(model: str, plan: ChatPlan, chunks: Iterator[GenerationChunk])
     yield assembler.finish()
 
 
-async def stream_chunks_async(model: str, plan: ChatPlan, chunks: AsyncIterator[GenerationChunk]
-                              ) -> AsyncIterator[CompletionChunk]:
-    assembler = StreamAssembler(model, plan)
+async def stream_chunks_async(model: str, plan: ChatPlan, chunks: AsyncIterator[GenerationChunk], index: int = 0,
+                              answer: tuple[str, int] | None = None) -> AsyncIterator[CompletionChunk]:
+    assembler = StreamAssembler(model, plan, index, answer)
     yield assembler.start()
     try:
         async for chunk in chunks:
@@ -491,15 +494,33 @@ class Chat:
     def complete(self, *, model: str, messages: list[dict], n: int | None = None, **kwargs) -> ChatCompletionResponse:
         """`n` choices are `n` requests sent together (see ChatPlan.choices)."""
         target, plan = self._client.resolve(model), plan_chat(messages, **_api_kwargs(kwargs))
-        plans = plan.choices(_choices(n))
+        transport, plans = self._client.transport, plan.choices(_choices(n))
+        if len(plans) == 1:
+            chunks = transport.generate(target, plan.tensors(stream=False), stream=False)
+            return completion_response(model, plan, join_chunks(chunks))
+        # Several choices stream, each in a thread, so that when one fails (or Ctrl-C comes) the
+        # others stop at their next chunk, closing their streams, rather than run to their end.
+        stop = threading.Event()
 
         def answer(choice: ChatPlan) -> GenerationChunk:
-            return join_chunks(self._client.transport.generate(target, choice.tensors(stream=False), stream=False))
+            chunks = []
+            with contextlib.closing(transport.generate(target, choice.tensors(stream=True), stream=True)) as stream:
+                for chunk in stream:
+                    if stop.is_set():
+                        raise _Stopped
+                    chunks.append(chunk)
+            return join_chunks(chunks)
 
-        if len(plans) == 1:
-            return completion_response(model, plan, answer(plan))
         with ThreadPoolExecutor(len(plans)) as pool:
-            return completion_response(model, plan, *pool.map(answer, plans))
+            futures = [pool.submit(answer, choice) for choice in plans]
+            try:
+                done, _ = wait(futures, return_when=FIRST_EXCEPTION)
+                errors = [future.exception() for future in done if future.exception() is not None]
+                if errors:
+                    raise errors[0]
+                return completion_response(model, plan, *(future.result() for future in futures))
+            finally:
+                stop.set()
 
     def stream(self, *, model: str, messages: list[dict], **kwargs) -> EventStream:
         """The request is sent before this returns (its errors raise here), then chunks arrive as
@@ -512,8 +533,8 @@ class Chat:
                              ) -> ChatCompletionResponse:
         target, plan = self._client.resolve(model), plan_chat(messages, **_api_kwargs(kwargs))
         transport = self._client.async_transport
-        chunks = await all_or_none(transport.complete(target, choice.tensors(stream=False))
-                                   for choice in plan.choices(_choices(n)))
+        chunks = await all_or_none([transport.complete(target, choice.tensors(stream=False))
+                                    for choice in plan.choices(_choices(n))])
         return completion_response(model, plan, *chunks)
 
     async def stream_async(self, *, model: str, messages: list[dict], **kwargs) -> EventStreamAsync:
@@ -528,6 +549,10 @@ class Chat:
             await source.aclose()
             raise
         return EventStreamAsync(model, plan, first, source)
+
+
+class _Stopped(Exception):
+    """A choice stopped because another one of its request failed."""
 
 
 def _api_kwargs(kwargs: dict, streamed: bool = False) -> dict:
@@ -546,11 +571,12 @@ def _choices(n: int | None) -> int:
     return n
 
 
-async def all_or_none(awaitables) -> list:
-    """The results of awaitables run together; when one fails (or this is cancelled) the others are
+async def all_or_none(coroutines: list) -> list:
+    """The results of coroutines run together; when one fails (or this is cancelled) the others are
     cancelled, which stops their requests in Triton, and the first error is raised."""
-    tasks = [asyncio.ensure_future(a) for a in awaitables]
+    tasks = []
     try:
+        tasks = [asyncio.ensure_future(c) for c in coroutines]
         return await asyncio.gather(*tasks)
     except BaseException:
         for task in tasks:

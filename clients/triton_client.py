@@ -31,14 +31,18 @@ def triton_address(url: str | None, protocol: str = "grpc") -> str:
     """The host:port tritonclient and grpc want, from what a user may write: "host:port", "host"
     (the protocol's default port), "http://host:port/" or "grpc://host:port"."""
     default = DEFAULT_GRPC_URL if protocol == "grpc" else DEFAULT_HTTP_URL
-    if not url:
+    if not url or not url.strip():
         return default
-    parsed = urllib.parse.urlsplit(url if "://" in url else f"//{url}")
+    written = url.strip()
+    parsed = urllib.parse.urlsplit(written if "://" in written else f"//{written}")
     try:
-        port = parsed.port or int(default.rsplit(":", 1)[1])
+        port = int(default.rsplit(":", 1)[1]) if parsed.port is None else parsed.port
     except ValueError:
-        port = None
-    if parsed.scheme not in ("", "http", "grpc") or parsed.path.strip("/") or not parsed.hostname or port is None:
+        port = 0
+    if parsed.scheme and parsed.scheme != protocol:
+        raise ValueError(f"Triton address {url!r} is a {parsed.scheme} address, but {protocol} is used")
+    if (parsed.path.strip("/") or parsed.query or parsed.fragment or parsed.username or not parsed.hostname
+            or not 1 <= port <= 65535):
         raise ValueError(f"Triton address {url!r} is not host:port (like {default})")
     host = f"[{parsed.hostname}]" if ":" in parsed.hostname else parsed.hostname
     return f"{host}:{port}"
@@ -518,7 +522,7 @@ class _SharedStream:
                         return chunks
         except TimeoutError:
             # The request runs on in Triton, its responses dropped, unless the caller stops it (complete).
-            raise AnswerTimeoutError(f"no answer from {model} within {timeout} s") from None
+            raise AnswerTimeoutError(f"no answer from {model} within {timeout:g} s") from None
         except grpc.RpcError as exc:  # the RPC ended: so did the stream
             self.broken = self.broken or self._ended(exc)
             raise self.broken from None

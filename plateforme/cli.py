@@ -109,7 +109,6 @@ def _render(args, chat, embeddings) -> Path:
 def cmd_repo(args) -> int:
     from plateforme.builders.engine_manifest import RENDER_RECORD
     from plateforme.builders.repository import ChatEndpoint, EmbeddingEndpoint
-    from plateforme.python_backend.embeddings import ONNX_MANIFEST_FILE
 
     chat_dirs = _endpoint_pairs(args.endpoint, "--endpoint")
     embed_dirs = _endpoint_pairs(args.embedding, "--embedding")
@@ -133,6 +132,8 @@ def cmd_repo(args) -> int:
             )
             for name, path in chat_dirs.items()
         ]
+        if embed_dirs:  # imports torch: only when there are embedding endpoints
+            from plateforme.python_backend.embeddings import ONNX_MANIFEST_FILE
         # A directory written by `plateforme export-embedder` is served with ONNX Runtime.
         embeddings = [EmbeddingEndpoint(name, path, runtime="onnx", onnx_path=path)
                       if (path / ONNX_MANIFEST_FILE).is_file() else EmbeddingEndpoint(name, path)
@@ -145,7 +146,7 @@ def cmd_repo(args) -> int:
     for endpoint in chat:
         print(f"  chat       {endpoint.name:<16} {endpoint.engine:<12} {endpoint.model_dir}")
     for endpoint in embeddings:
-        print(f"  embedding  {endpoint.name:<16} {'pytorch':<12} {endpoint.model_dir}")
+        print(f"  embedding  {endpoint.name:<16} {endpoint.runtime:<12} {endpoint.model_dir}")
     launch = json.loads((out / RENDER_RECORD).read_text()).get("launch")
     if launch:
         import shlex

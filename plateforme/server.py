@@ -8,6 +8,7 @@ started with this interpreter's directory first on PATH.
 from __future__ import annotations
 
 import contextlib
+import errno
 import glob
 import os
 import re
@@ -306,13 +307,20 @@ def check_distinct_ports(ports: dict[str, int]) -> None:
 
 def check_port_free(host: str, port: int, flag: str) -> None:
     """Fail before start-up, naming the option to change, rather than after a server half started."""
-    with socket.socket() as sock:
+    if not 1 <= port <= 65535:
+        raise ServerError(f"{flag} {port} is not a port number (1-65535)")
+    try:
+        family, kind, proto, _, address = socket.getaddrinfo(host or None, port, type=socket.SOCK_STREAM,
+                                                              flags=socket.AI_PASSIVE)[0]
+    except socket.gaierror as exc:
+        raise ServerError(f"--host {host} is not an address of this machine ({exc.strerror})") from exc
+    with socket.socket(family, kind, proto) as sock:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
-            sock.bind((host or "0.0.0.0", port))
-        except OverflowError as exc:
-            raise ServerError(f"{flag} {port} is not a port number (1-65535)") from exc
+            sock.bind(address)
         except OSError as exc:
+            if exc.errno == errno.EADDRNOTAVAIL:
+                raise ServerError(f"--host {host} is not an address of this machine") from exc
             raise ServerError(f"{flag} {port} on {host} is not available ({exc.strerror}); "
                               "choose another port") from exc
 

@@ -37,7 +37,7 @@ def test_help_lists_the_subcommands():
 
 @pytest.mark.parametrize("args,message", [
     (["serve", "--model-repository", "/nonexistent/repo"], "does not exist"),
-    (["serve", "--model-repository", "/"], "holds no models"),
+    (["serve", "--model-repository", str(Path(__file__).parent)], "holds no models"),
     (["repo", "--endpoint", "mistral-tiny"], "NAME=DIR"),
     (["repo", "--endpoint", "mistral-tiny=/nonexistent"], "no config.json"),
     (["assets", "no-such-asset"], "unknown asset"),

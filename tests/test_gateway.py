@@ -272,22 +272,28 @@ def test_n_choices_whole_and_streamed(http):
     assert whole["usage"]["prompt_tokens"] == one["usage"]["prompt_tokens"]
     assert whole["usage"]["completion_tokens"] == 3 * 12
 
-    streamed, ids = {0: "", 1: "", 2: ""}, set()
+    streamed, ids, reasons, usages = {0: "", 1: "", 2: ""}, set(), {}, []
     with http.stream("POST", "/v1/chat/completions", json={**body, "stream": True}) as response:
         for line in response.iter_lines():
             if line.startswith("data: {"):
                 chunk = json.loads(line[len("data: "):])
-                ids.add(chunk["id"])
+                ids.add((chunk["id"], chunk["created"]))
                 choice = chunk["choices"][0]
                 streamed[choice["index"]] += choice["delta"].get("content") or ""
+                if choice["finish_reason"]:
+                    reasons[choice["index"]] = choice["finish_reason"]
+                if chunk.get("usage"):
+                    usages.append(chunk["usage"])
     assert [streamed[i] for i in range(3)] == texts and len(ids) == 1
+    assert reasons == {i: c["finish_reason"] for i, c in enumerate(whole["choices"])}
+    assert usages == [whole["usage"]]  # once, on the last chunk: the prompt counted once
 
     greedy = http.post("/v1/chat/completions", json={**body, "temperature": 0.0, "n": 2}).json()
     assert greedy["choices"][0]["message"] == greedy["choices"][1]["message"]
 
 
 def test_client_leaving_a_stream_cancels_it_in_triton(server, http):
-    from test_sdk import _gauge, wait_for_idle_engine
+    from test_sdk import wait_for_active, wait_for_idle_engine
     from triton_helpers import metric
 
     # The demo model, whose long answer outlasts the test's reads (the tiny random one may not).
@@ -299,7 +305,7 @@ def test_client_leaving_a_stream_cancels_it_in_triton(server, http):
             with client.stream("POST", "/v1/chat/completions", json=body) as response:
                 lines = response.iter_lines()
                 assert next(lines).startswith("data: ") and next(l for l in lines if l.startswith("data: "))
-                assert _gauge(server, "smollm2-engine") == 1
+                wait_for_active(server, 1, "smollm2-engine", timeout=5)
         # The connection is gone: the gateway cancels its Triton stream and the engine frees the slot.
         wait_for_idle_engine(server, "smollm2-engine")
         generated = metric(server, "plateforme_engine_generated_tokens_total", "smollm2-engine") - before

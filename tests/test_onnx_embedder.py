@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import re
 import shutil
 import subprocess
 import sys
@@ -201,6 +202,7 @@ def test_repo_command_serves_an_export_with_onnx_runtime(exported, minilm_dir, t
                              "--embedding", f"embed-onnx={exported.parent}",
                              "--embedding", f"embed-torch={minilm_dir}"], capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
+    assert re.search(r"embedding\s+embed-onnx\s+onnx\s", result.stdout), result.stdout
     onnx_config = (tmp_path / "repo" / "embed-onnx" / "config.pbtxt").read_text()
     assert 'key: "runtime" value: { string_value: "onnx" }' in onnx_config
     assert (tmp_path / "repo" / "embed-onnx" / "1" / "onnx" / "model.onnx").is_file()

@@ -288,6 +288,12 @@ def test_hub_source_is_found_in_the_users_hugging_face_cache(tmp_path, capsys, m
     assert code == 0, output
     assert not (cache / "hub").exists()  # nothing downloaded or copied into the pipeline's hub cache
     assert list((cache / "entries").glob("mistral-tiny-*/stages/convert.json"))
+    # Only part of a checkpoint there (another tool cached its config): not taken for the whole.
+    for weights in (repo / "snapshots" / commit).glob("*.safetensors"):
+        weights.unlink()
+    code, output = run_cli(capsys, manifest, "--cache-dir", tmp_path / "cache2", "--out", tmp_path / "out",
+                           "--stages", "convert")
+    assert code == 1 and "is in neither local hub cache" in output
 
 
 # -- manifest errors ------------------------------------------------------------------------------

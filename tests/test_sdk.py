@@ -61,10 +61,14 @@ def test_a_triton_address_is_read_as_users_write_it(written, protocol, address):
     assert Registry(written, protocol).url == address
 
 
-@pytest.mark.parametrize("written", ["https://host:8000", "host:http", "host:99999", "host:8000/v2", "::1"])
+@pytest.mark.parametrize("written", ["https://host:8000", "host:http", "host:99999", "host:0", "host:8000/v2", "::1",
+                                     "user@host:8001", "host:8001?x=1", "host:8001#top"])
 def test_a_triton_address_that_is_not_host_port_is_refused(written):
-    with pytest.raises(ValueError, match="is not host:port"):
+    with pytest.raises(ValueError, match="is not host:port|is a https address"):
         triton_address(written)
+    with pytest.raises(ValueError, match="is a grpc address, but http is used"):
+        triton_address("grpc://host:8001", "http")
+    assert triton_address("  host:8001 ") == "host:8001"
 
 
 def test_plan_maps_mistral_arguments_onto_ensemble_inputs():
@@ -282,12 +286,18 @@ def _gauge(server, model="mistral-tiny-engine"):
 
 
 def wait_for_idle_engine(server, model="mistral-tiny-engine", timeout=30.0):
+    wait_for_active(server, 0, model, timeout)
+
+
+def wait_for_active(server, count: int, model="mistral-tiny-engine", timeout=30.0):
+    """Until the engine reports `count` active sequences (it does so after the step whose
+    responses may already have reached the client)."""
     import time
 
     deadline = time.monotonic() + timeout
-    while _gauge(server, model) != 0:
-        assert time.monotonic() < deadline, f"{model} still has {_gauge(server, model)} active sequences"
-        time.sleep(0.1)
+    while _gauge(server, model) != count:
+        assert time.monotonic() < deadline, f"{model} has {_gauge(server, model)} active sequences, not {count}"
+        time.sleep(0.02)
 
 
 @needs_server
@@ -301,7 +311,7 @@ def test_leaving_a_stream_cancels_it_in_triton(server):
     with PlateformeClient(server.grpc_url) as client:
         for i, event in enumerate(client.chat.stream(**long)):  # sync: break out of the loop
             if i == 3:
-                assert _gauge(server, engine) == 1
+                wait_for_active(server, 1, engine, timeout=5)
                 break
         wait_for_idle_engine(server, engine)
         with client.chat.stream(**long) as events:  # sync: leave a with block
@@ -313,7 +323,7 @@ def test_leaving_a_stream_cancels_it_in_triton(server):
                 stream = await aclient.chat.stream_async(**long)
                 async for _ in stream:
                     break
-                assert _gauge(server, engine) == 1
+                wait_for_active(server, 1, engine, timeout=5)
                 await stream.close()
                 await asyncio.sleep(0)
                 wait_for_idle_engine(server, engine)
