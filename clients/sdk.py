@@ -175,7 +175,7 @@ def plan_chat(
     and {"type": "function", "function": {"name": ...}} force a call by constraining the answer
     to a JSON list of calls to the allowed tools (guided decoding).
     """
-    messages = [_plain(m) for m in messages]
+    messages = [_api_message(m) for m in messages]
     if safe_prompt:
         # Mistral prepends the guardrail to the first system message, or adds one.
         if messages and messages[0].get("role") == "system":
@@ -231,9 +231,10 @@ def plan_chat(
 
 
 def _with_parameters(tool: dict) -> dict:
-    """A function without `parameters` takes none (as in Mistral's API); chat encodings need the schema."""
+    """A function without `parameters` (or with `{}`, which mistralai's SDK makes one write) takes
+    none, as in Mistral's API; chat encodings and forced calls need the schema said."""
     function = tool.get("function")
-    if isinstance(function, dict) and function.get("parameters") is None:
+    if isinstance(function, dict) and function.get("parameters") in (None, {}):
         none = {"type": "object", "properties": {}, "additionalProperties": False}
         return {**tool, "function": {**function, "parameters": none}}
     return tool
@@ -247,6 +248,24 @@ def _tool_calls_schema(tools: list[dict]) -> dict:
         calls.append({"type": "object", "properties": {"name": {"const": function["name"]}, "arguments": parameters},
                       "required": ["name", "arguments"], "additionalProperties": False})
     return {"type": "array", "items": calls[0] if len(calls) == 1 else {"anyOf": calls}, "minItems": 1}
+
+
+def _api_message(message: Any) -> Any:
+    """A message as the chat encoding takes it, from a dict or an SDK object (ours, mistralai's):
+    what changes nothing is dropped, so that an answer appended to the conversation goes back as
+    it came (a tool call's stream `index`, mistralai's `prefix: false`)."""
+    message = _plain(message)
+    if not isinstance(message, dict):
+        return message  # the server names what is wrong with it
+    message = dict(message)
+    if message.get("prefix") is False:
+        del message["prefix"]
+    elif message.get("prefix"):
+        raise InvalidRequestError("assistant prefixes (prefix: true) are not supported")
+    if isinstance(message.get("tool_calls"), list):
+        message["tool_calls"] = [{k: v for k, v in call.items() if k != "index"} if isinstance(call, dict) else call
+                                 for call in map(_plain, message["tool_calls"])]
+    return message
 
 
 def _plain(value: Any) -> Any:

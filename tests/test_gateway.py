@@ -241,11 +241,12 @@ def test_tool_choice_modes(http):
     last = chunks[-1]["choices"][0]
     assert last["finish_reason"] == "tool_calls" and last["delta"]["tool_calls"][0]["function"]["name"]
     # A function without parameters takes none.
-    bare = {"type": "function", "function": {"name": "get_time_now", "description": "The time"}}
-    called = http.post("/v1/chat/completions", json={**base, "tools": [bare], "tool_choice": "any"})
-    assert called.status_code == 200, called.text
-    call = called.json()["choices"][0]["message"]["tool_calls"][0]
-    assert call["function"]["name"] == "get_time_now" and json.loads(call["function"]["arguments"]) == {}
+    for function in ({"name": "get_time_now", "description": "The time"}, {"name": "get_time_now", "parameters": {}}):
+        called = http.post("/v1/chat/completions", json={**base, "tools": [{"type": "function", "function": function}],
+                                                         "tool_choice": "any"})
+        assert called.status_code == 200, called.text
+        call = called.json()["choices"][0]["message"]["tool_calls"][0]
+        assert call["function"]["name"] == "get_time_now" and json.loads(call["function"]["arguments"]) == {}
 
 
 def test_penalties_are_forwarded(http):

@@ -187,6 +187,29 @@ def test_tools_reach_the_v3_chat_encoding(server):
 
 
 @needs_server
+def test_the_tool_loop_sends_answers_back_as_they_came(server):
+    """Mistral's pattern: append the assistant's answer (an SDK object) and the tool's result, ask again."""
+    from mistralai.client import models as mistral_models
+
+    client = PlateformeClient(server.grpc_url)
+    messages = [{"role": "user", "content": "Weather in Paris?"}]
+    called = client.chat.complete(model="mistral-tiny", messages=messages, tools=[WEATHER_TOOL], tool_choice="any",
+                                  parallel_tool_calls=False, max_tokens=60).choices[0].message
+    assert called.tool_calls
+    messages += [called, {"role": "tool", "name": "get_weather", "content": "sunny",
+                          "tool_call_id": called.tool_calls[0].id}]
+    answer = client.chat.complete(model="mistral-tiny", messages=messages, tools=[WEATHER_TOOL], max_tokens=4)
+    assert answer.usage.completion_tokens > 0
+    # mistralai's own message objects carry `prefix: false`.
+    history = [mistral_models.UserMessage(content="Hi"), mistral_models.AssistantMessage(content="Hello"),
+               mistral_models.UserMessage(content="Weather?")]
+    assert client.chat.complete(model="mistral-tiny", messages=history, max_tokens=2).usage.completion_tokens > 0
+    with pytest.raises(InvalidRequestError, match="prefix"):
+        client.chat.complete(model="mistral-tiny", messages=[*messages, {"role": "assistant", "content": "It",
+                                                                         "prefix": True}], max_tokens=2)
+
+
+@needs_server
 def test_errors_are_classified(server):
     client = PlateformeClient(server.grpc_url)
     with pytest.raises(ModelNotFoundError):
