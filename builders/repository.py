@@ -68,7 +68,7 @@ class ChatEndpoint:
     max_queue_size: int = 0  # 0: unbounded
     max_queue_delay_ms: int = 0  # 0: no limit
     max_seq_len: int = 0  # 0: the model's own context length
-    default_max_tokens: int = 256
+    default_max_tokens: int = 0  # max_tokens of requests that give none; 0: the rest of the context
     num_threads: int = 0  # 0: torch's default
     instance_count: int = 1
     max_attention_window_size: int = 0  # TensorRT-LLM: 0 = the engine's sliding window (Mistral), if any
@@ -137,7 +137,7 @@ def _check_chat_model_dir(endpoint: ChatEndpoint) -> None:
     if endpoint.batch_scheduler_policy not in SCHEDULER_POLICIES:
         raise RepositoryError(f"{endpoint.name}: batch_scheduler_policy must be one of {SCHEDULER_POLICIES}, "
                               f"got {endpoint.batch_scheduler_policy!r}")
-    _check_minimums(endpoint, max_batch_size=1, max_num_tokens=1, default_max_tokens=1, instance_count=1,
+    _check_minimums(endpoint, max_batch_size=1, max_num_tokens=1, default_max_tokens=0, instance_count=1,
                     max_seq_len=0, max_queue_size=0, max_queue_delay_ms=0, num_threads=0, max_attention_window_size=0)
     context = config.get("max_position_embeddings")
     if endpoint.engine == "pytorch" and isinstance(context, int) and endpoint.max_seq_len > context:

@@ -144,7 +144,9 @@ class GatewayConfig:
     api_keys: frozenset[str] = field(default_factory=lambda: frozenset(
         k.strip() for k in os.environ.get("PLATEFORME_API_KEYS", "").split(",") if k.strip()))
     timeout: float = 300.0
-    default_max_tokens: int = 256
+    # max_tokens when a request gives none; None: the endpoint's own default (the rest of the context,
+    # as in Mistral's API, unless the repository was rendered with another default_max_tokens).
+    default_max_tokens: int | None = None
 
 
 class _Metrics:

@@ -167,7 +167,7 @@ def plan_chat(
     frequency_penalty: float | None = None,
     repetition_penalty: float | None = None,
     parallel_tool_calls: bool | None = None,
-    default_max_tokens: int = 256,
+    default_max_tokens: int | None = None,
 ) -> ChatPlan:
     """Map Mistral API chat arguments onto the ensemble's `messages` request and tensors.
 

@@ -131,7 +131,7 @@ class GenerationChunk:
 
 @dataclass
 class GenerationParams:
-    max_tokens: int = 256
+    max_tokens: int | None = 256  # None: the endpoint's default (by default, the rest of the context)
     temperature: float | None = None
     top_p: float | None = None
     top_k: int | None = None
@@ -144,7 +144,9 @@ class GenerationParams:
 
     def tensors(self) -> Tensors:
         """ensemble input name -> ([1, n] array, Triton datatype) for the parameters that are set."""
-        values: Tensors = {"max_tokens": (np.array([[self.max_tokens]], dtype=np.int32), "INT32")}
+        values: Tensors = {}
+        if self.max_tokens is not None:
+            values["max_tokens"] = (np.array([[self.max_tokens]], dtype=np.int32), "INT32")
         top_p = self.top_p
         if top_p is None and self.top_k is None and (self.temperature or 0) > 0:
             # Mistral's API samples (top_p 1) when only a temperature is given; the engine, like

@@ -144,6 +144,15 @@ def test_sampling_with_a_seed_is_reproducible(server):
     assert other != first
 
 
+def test_without_max_tokens_an_answer_may_fill_the_context(server, tiny_mistral_dir):
+    """As in Mistral's API: no max_tokens, no cap but the model's context (256 for the tiny model)."""
+    responses = grpc_stream(server, "mistral-tiny", {"text_input": strings(PROMPT), "end_id": ints(-1)})
+    last = responses[-1]
+    prompt_tokens = int(last["num_input_tokens"].reshape(-1)[0])
+    assert prompt_tokens + int(last["num_output_tokens"].reshape(-1)[0]) == 256
+    assert last["finish_reason"].reshape(-1)[0].decode() == "length"
+
+
 def test_prompt_is_echoed_only_when_asked(server, tiny_mistral_dir):
     inputs = {"text_input": strings(PROMPT), "max_tokens": ints(5)}
     plain = text_of(grpc_stream(server, "mistral-tiny", inputs))

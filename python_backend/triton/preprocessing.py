@@ -15,7 +15,8 @@ class TritonPythonModel:
         params = t.model_parameters(args)
         self.tokenizer = load_tokenizer(params["tokenizer_dir"])
         self.context = context_length(params["tokenizer_dir"], t.int_parameter(params, "max_seq_len", 0))
-        self.default_max_tokens = t.int_parameter(params, "default_max_tokens", 256)
+        # max_tokens of a request that gives none; 0: the rest of the context (Mistral's API).
+        self.default_max_tokens = t.int_parameter(params, "default_max_tokens", 0)
         self.tensors = t.TensorCache()
 
     def execute(self, requests):
@@ -32,8 +33,12 @@ class TritonPythonModel:
         ids, lengths, out_lens, stops, bads, end_ids, pad_ids = [], [], [], [], [], [], []
         for row in range(rows):
             prompt = self._prompt_ids(inputs, row)
-            max_tokens = t.scalar(inputs, "REQUEST_OUTPUT_LEN", row, int, self.default_max_tokens)
-            self._check_lengths(len(prompt), max_tokens)
+            self._check_prompt_length(len(prompt))
+            # Without a default, the rest of the context (no more: TensorRT-LLM refuses prompt +
+            # request_output_len beyond its max_seq_len).
+            max_tokens = t.scalar(inputs, "REQUEST_OUTPUT_LEN", row, int,
+                                  self.default_max_tokens or self.context - len(prompt))
+            self._check_max_tokens(max_tokens)
             ids.append(prompt)
             lengths.append(len(prompt))
             out_lens.append(max_tokens)
@@ -73,15 +78,17 @@ class TritonPythonModel:
             raise t.InputError("text_input (a prompt) or messages (a chat request) is required and must not be empty")
         return self.tokenizer.encode_text(query)
 
-    def _check_lengths(self, prompt_len: int, max_tokens: int) -> None:
-        if max_tokens <= 0:
-            raise t.InputError(f"max_tokens must be a positive integer, got {max_tokens}")
-        if max_tokens > self.context:
-            raise t.InputError(f"max_tokens={max_tokens} exceeds the model's context of {self.context} tokens")
+    def _check_prompt_length(self, prompt_len: int) -> None:
         if prompt_len >= self.context:
             raise t.InputError(
                 f"the prompt has {prompt_len} tokens but the model's context is {self.context} tokens"
             )
+
+    def _check_max_tokens(self, max_tokens: int) -> None:
+        if max_tokens <= 0:
+            raise t.InputError(f"max_tokens must be a positive integer, got {max_tokens}")
+        if max_tokens > self.context:
+            raise t.InputError(f"max_tokens={max_tokens} exceeds the model's context of {self.context} tokens")
 
     def _word_lists(self, words: list[str], kind: str) -> list[list[int]]:
         lists = []
