@@ -22,6 +22,7 @@ from plateforme.builders import engine_manifest
 from plateforme.builders.engine_manifest import RENDER_RECORD
 from plateforme.builders.atomic import atomic_directory, check_replaceable
 from plateforme.builders.fill_template import fill_template
+from plateforme.python_backend.context import context_length
 
 ENGINE_KINDS = ("pytorch", "tensorrtllm")
 SUPPORTED_ARCHITECTURES = ("MistralForCausalLM", "MixtralForCausalLM", "LlamaForCausalLM")
@@ -349,6 +350,7 @@ def _chat_models(
         if not endpoint.max_seq_len and facts and facts.max_seq_len:
             models[pre][1]["max_seq_len"] = facts.max_seq_len  # prompts longer than the engine's are refused
         models[engine] = ("tensorrt_llm", values)
+    models[name][1]["max_context_length"] = context_length(endpoint.model_dir, models[pre][1]["max_seq_len"])
     return models
 
 

@@ -21,13 +21,14 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
-from pydantic import AliasChoices, BaseModel, ConfigDict, Field
+from pydantic import AliasChoices, BaseModel, ConfigDict, Field, field_validator
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from plateforme.clients.registry import Endpoint, Registry
 from plateforme.clients.sdk import (
-    MAX_CHOICES, AsyncTransport, ChatPlan, CompletionChunk, InvalidRequestError, ModelNotFoundError, PlateformeError,
+    MAX_CHOICES, PARAMETER_RANGES, AsyncTransport, ChatPlan, CompletionChunk, InvalidRequestError, ModelNotFoundError,
+    PlateformeError,
     UsageInfo, all_or_none, completion_id, completion_response, embedding_response, plan_chat,
     stream_chunks_async,
 )
@@ -95,20 +96,26 @@ class ToolChoiceFunction(_Body):
     function: FunctionName
 
 
+def _bounded(name: str, **kwargs):
+    low, high = PARAMETER_RANGES[name]
+    return Field(None, ge=low, le=high, **kwargs)
+
+
 class ChatCompletionRequest(_Body):
     model: str = Field(min_length=1)
     messages: list[Message] = Field(min_length=1)
-    temperature: float | None = Field(None, ge=0.0, le=2.0)
-    top_p: float | None = Field(None, ge=0.0, le=1.0)
-    max_tokens: int | None = Field(None, ge=1, le=1_000_000)
+    temperature: float | None = _bounded("temperature")
+    top_p: float | None = _bounded("top_p")
+    max_tokens: int | None = Field(None, ge=1, le=1_000_000,
+                                   validation_alias=AliasChoices("max_tokens", "max_completion_tokens"))
     stream: bool = False
     stop: str | list[str] | None = None
-    random_seed: int | None = Field(None, ge=0, lt=2**63, validation_alias=AliasChoices("random_seed", "seed"))
+    random_seed: int | None = _bounded("random_seed", validation_alias=AliasChoices("random_seed", "seed"))
     response_format: ResponseFormat | None = None
     tools: list[ToolSpec] | None = None
     tool_choice: Literal["none", "auto", "any", "required"] | ToolChoiceFunction | None = None
-    presence_penalty: float | None = Field(None, ge=-2.0, le=2.0)
-    frequency_penalty: float | None = Field(None, ge=-2.0, le=2.0)
+    presence_penalty: float | None = _bounded("presence_penalty")
+    frequency_penalty: float | None = _bounded("frequency_penalty")
     repetition_penalty: float | None = Field(None, gt=0.0, le=10.0)
     n: int | None = Field(None, ge=1, le=MAX_CHOICES)
     parallel_tool_calls: bool | None = None
@@ -119,6 +126,16 @@ class EmbeddingRequest(_Body):
     model: str = Field(min_length=1)
     input: str | list[str] = Field(validation_alias=AliasChoices("input", "inputs"))
     encoding_format: Literal["float", "base64"] = "float"
+    # Change what comes back, so refused rather than ignored: vectors are float32 of the model's width.
+    output_dtype: Literal["float"] | None = None
+    output_dimension: int | None = None
+
+    @field_validator("output_dimension")
+    @classmethod
+    def _no_other_dimension(cls, value):
+        if value is not None:
+            raise ValueError("is not served: vectors have the model's own dimension (see the response's length)")
+        return value
 
 
 # -- errors ----------------------------------------------------------------------------------
@@ -203,6 +220,11 @@ def create_app(config: GatewayConfig | None = None) -> FastAPI:
     async def endpoint_error(request: Request, exc: PlateformeError):
         return refused(request, exc.status_code, exc.message)
 
+    @app.exception_handler(Exception)
+    async def unexpected(request: Request, exc: Exception):
+        # Mistral-shaped like every other error; uvicorn still logs the traceback.
+        return refused(request, 500, f"internal error ({type(exc).__name__}); see the gateway's log")
+
     async def lookup(name: str, kind: str) -> Endpoint:
         # Known and fresh: no thread hop; otherwise the registry asks Triton (blocking) in a thread.
         endpoint = registry.cached(name) or await run_in_threadpool(registry.get, name)
@@ -227,11 +249,11 @@ def create_app(config: GatewayConfig | None = None) -> FastAPI:
     @app.get("/v1/models")
     async def list_models():
         served = await run_in_threadpool(registry.endpoints)
-        return {"object": "list", "data": [_model_card(e) for e in served]}
+        return {"object": "list", "data": [e.card() for e in served]}
 
     @app.get("/v1/models/{model_id}")
     async def get_model(model_id: str):
-        return _model_card(await lookup_any(model_id))
+        return (await lookup_any(model_id)).card()
 
     async def lookup_any(name: str) -> Endpoint:
         endpoint = await run_in_threadpool(registry.get, name)
@@ -328,15 +350,6 @@ class _Authenticate:
                 response = error_response(401, "missing or invalid API key (Authorization: Bearer <key>)")
                 return await response(scope, receive, send)
         return await self.app(scope, receive, send)
-
-
-def _model_card(endpoint: Endpoint) -> dict:
-    # `type` "base" (not a fine-tuned model): Mistral's SDK needs it to tell the two kinds of card apart.
-    chat = endpoint.kind == "chat"
-    return {"id": endpoint.id, "object": "model", "type": "base", "created": endpoint.created,
-            "owned_by": "plateforme", "root": endpoint.model,
-            "capabilities": {"completion_chat": chat, "function_calling": endpoint.function_calling,
-                             "embedding": not chat}}
 
 
 def _message(message: Message) -> dict:

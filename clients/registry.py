@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Literal
 
 PUBLIC_ENDPOINTS = ("mistral-tiny", "mistral-small", "mistral-medium", "mistral-embed")
@@ -24,6 +24,17 @@ class Endpoint:
     kind: Literal["chat", "embedding"]
     created: int = 0
     function_calling: bool = False  # a chat endpoint whose tokenizer encodes `tools`
+    max_context_length: int | None = None  # a chat endpoint's prompt + answer, in tokens
+
+    def card(self) -> dict:
+        """The endpoint as Mistral's API describes a model (GET /v1/models)."""
+        chat = self.kind == "chat"
+        card = {"id": self.id, "object": "model", "type": "base", "created": self.created, "owned_by": "plateforme",
+                "root": self.model, "capabilities": {"completion_chat": chat, "function_calling": self.function_calling,
+                                                     "embedding": not chat}}
+        if self.max_context_length:
+            card["max_context_length"] = self.max_context_length
+        return card
 
     @property
     def engine_model(self) -> str | None:
@@ -51,7 +62,11 @@ class Registry:
         """Served endpoints; raises ServerUnavailableError when Triton cannot be reached."""
         with self._lock:
             if refresh or time.monotonic() - self._loaded_at > self.ttl:
-                self._endpoints = {e.id: e for e in discover(self.url, self.protocol)}
+                found = {e.id: e for e in discover(self.url, self.protocol)}
+                # An endpoint keeps the time it was first seen serving the same model.
+                self._endpoints = {name: replace(e, created=self._endpoints[name].created)
+                                   if name in self._endpoints and self._endpoints[name].model == e.model else e
+                                   for name, e in found.items()}
                 self._loaded_at = time.monotonic()
             return list(self._endpoints.values())
 
@@ -87,14 +102,17 @@ def discover(url: str, protocol: str = "grpc") -> list[Endpoint]:
             index = client.get_model_repository_index()
         ready = {m["name"] for m in index if m.get("state") == "READY"}
         kinds: dict[str, str] = {}
-        tools: set[str] = set()
+        chat_facts: dict[str, dict] = {}
         for name in sorted(ready):
             if name.endswith(_CHAT_PARTS):
                 continue
             if f"{name}-preprocessing" in ready and f"{name}-engine" in ready:
                 kinds[name] = "chat"
-                if _config_parameter(client, name, protocol, "function_calling") != "false":
-                    tools.add(name)
+                parameters = _config_parameters(client, name, protocol)
+                context = parameters.get("max_context_length", "")
+                # Without the parameters (a repository rendered by another tool): tools allowed, context unknown.
+                chat_facts[name] = {"function_calling": parameters.get("function_calling") != "false",
+                                    "max_context_length": int(context) if context.isdigit() else None}
             elif _has_embedding_output(client, name, protocol):
                 kinds[name] = "embedding"
     except InferenceServerException as exc:
@@ -107,16 +125,15 @@ def discover(url: str, protocol: str = "grpc") -> list[Endpoint]:
     named = [(name, name) for name in PUBLIC_ENDPOINTS if name in kinds]
     named += [(alias, target) for alias, target in ALIASES.items() if target in kinds]
     named += [(name, name) for name in kinds if name not in PUBLIC_ENDPOINTS]
-    return [Endpoint(name, target, kinds[target], now, target in tools) for name, target in named]
+    return [Endpoint(name, target, kinds[target], now, **chat_facts.get(target, {})) for name, target in named]
 
 
-def _config_parameter(client, name: str, protocol: str, key: str) -> str | None:
-    """A string parameter of a model's config (None when it has none: a repository rendered before
-    the parameter existed, or by another tool)."""
+def _config_parameters(client, name: str, protocol: str) -> dict[str, str]:
+    """The string parameters of a model's config."""
     if protocol == "grpc":
-        parameters = client.get_model_config(name).config.parameters
-        return parameters[key].string_value if key in parameters else None
-    return client.get_model_config(name).get("parameters", {}).get(key, {}).get("string_value")
+        return {key: value.string_value for key, value in client.get_model_config(name).config.parameters.items()}
+    return {key: value.get("string_value", "") for key, value in
+            client.get_model_config(name).get("parameters", {}).items()}
 
 
 def _has_embedding_output(client, name: str, protocol: str) -> bool:

@@ -36,6 +36,9 @@ SAFE_PROMPT = (
 TOOL_CALLS_TOKEN = "[TOOL_CALLS]"
 # The most choices (`n`) one chat request may ask for: each is a request of its own to the engine.
 MAX_CHOICES = 16
+# Inclusive bounds of the API's numeric arguments, checked by the SDK and the gateway alike.
+PARAMETER_RANGES = {"temperature": (0.0, 2.0), "top_p": (0.0, 1.0), "random_seed": (0, 2**63 - 1),
+                    "presence_penalty": (-2.0, 2.0), "frequency_penalty": (-2.0, 2.0)}
 # The engine's finish reasons -> the Mistral API's.
 _FINISH_REASONS = {"end_id": "stop", "stop": "stop", "length": "length", "model_length": "model_length",
                    "cancelled": "error"}
@@ -175,6 +178,14 @@ def plan_chat(
     and {"type": "function", "function": {"name": ...}} force a call by constraining the answer
     to a JSON list of calls to the allowed tools (guided decoding).
     """
+    arguments = {"temperature": temperature, "top_p": top_p, "random_seed": random_seed,
+                 "presence_penalty": presence_penalty, "frequency_penalty": frequency_penalty}
+    for name, value in arguments.items():
+        low, high = PARAMETER_RANGES[name]
+        if value is not None and not (isinstance(value, (int, float)) and low <= value <= high):
+            raise InvalidRequestError(f"{name} must be a number in [{low}, {high}], got {value!r}")
+    if max_tokens is not None and not (isinstance(max_tokens, int) and max_tokens >= 1):
+        raise InvalidRequestError(f"max_tokens must be a positive integer, got {max_tokens!r}")
     messages = [_api_message(m) for m in messages]
     if safe_prompt:
         # Mistral prepends the guardrail to the first system message, or adds one.
@@ -419,6 +430,7 @@ def embedding_response(model: str, vectors: np.ndarray, counts: list[int], encod
                        ) -> EmbeddingResponse:
     import base64
 
+    _check_encoding_format(encoding_format)
     data = []
     for i, vector in enumerate(vectors):
         if encoding_format == "base64":
@@ -429,6 +441,11 @@ def embedding_response(model: str, vectors: np.ndarray, counts: list[int], encod
     total = int(sum(counts))
     return EmbeddingResponse(id=completion_id(), model=model, data=data,
                              usage=UsageInfo(prompt_tokens=total, completion_tokens=0, total_tokens=total))
+
+
+def _check_encoding_format(encoding_format: str) -> None:
+    if encoding_format not in ("float", "base64"):
+        raise InvalidRequestError(f"encoding_format must be float or base64, got {encoding_format!r}")
 
 
 # -- the client ------------------------------------------------------------------------------
@@ -612,12 +629,14 @@ class Embeddings:
 
     def create(self, *, model: str, inputs: str | list[str], encoding_format: str = "float") -> EmbeddingResponse:
         texts = [inputs] if isinstance(inputs, str) else list(inputs)
+        _check_encoding_format(encoding_format)
         vectors, counts = self._client.transport.embed(self._client.resolve(model), texts)
         return embedding_response(model, vectors, counts, encoding_format)
 
     async def create_async(self, *, model: str, inputs: str | list[str], encoding_format: str = "float"
                            ) -> EmbeddingResponse:
         texts = [inputs] if isinstance(inputs, str) else list(inputs)
+        _check_encoding_format(encoding_format)
         vectors, counts = await self._client.async_transport.embed(self._client.resolve(model), texts)
         return embedding_response(model, vectors, counts, encoding_format)
 
@@ -629,6 +648,8 @@ class ModelCard(BaseModel):
     created: int = 0
     owned_by: str = "plateforme"
     root: str | None = None
+    capabilities: dict[str, bool] = Field(default_factory=dict)
+    max_context_length: int | None = None
 
 
 class ModelList(BaseModel):
@@ -643,14 +664,13 @@ class Models:
         self._client = client
 
     def list(self) -> ModelList:
-        return ModelList(data=[ModelCard(id=e.id, created=e.created, root=e.model)
-                               for e in self._client.registry.endpoints()])
+        return ModelList(data=[ModelCard(**e.card()) for e in self._client.registry.endpoints()])
 
     def retrieve(self, *, model_id: str) -> ModelCard:
         endpoint = self._client.registry.get(model_id)
         if endpoint is None:
             raise ModelNotFoundError(f"model {model_id!r} is not served here")
-        return ModelCard(id=endpoint.id, created=endpoint.created, root=endpoint.model)
+        return ModelCard(**endpoint.card())
 
     async def list_async(self) -> ModelList:
         return await asyncio.to_thread(self.list)

@@ -161,8 +161,15 @@ class GenerationParams:
             if value is not None:
                 values[name] = (np.array([[value]], dtype=dtype), datatype)
         if self.stop:
-            values["stop_words"] = (np.array([[w.encode() for w in self.stop]], dtype=object), "BYTES")
+            values["stop_words"] = (np.array([[_utf8(w, "a stop word") for w in self.stop]], dtype=object), "BYTES")
         return values
+
+
+def _utf8(text: str, what: str) -> bytes:
+    try:
+        return text.encode()
+    except UnicodeEncodeError as exc:  # a lone surrogate, as JSON's "\ud800" decodes to
+        raise InvalidRequestError(f"{what} is not valid Unicode text ({exc.reason} at {exc.start})") from None
 
 
 def chat_tensors(params: GenerationParams | None = None, prompt: str | None = None,
@@ -172,7 +179,7 @@ def chat_tensors(params: GenerationParams | None = None, prompt: str | None = No
         raise ValueError("give exactly one of prompt or messages")
     inputs = (params or GenerationParams()).tensors()
     if prompt is not None:
-        inputs["text_input"] = (np.array([[prompt.encode()]], dtype=object), "BYTES")
+        inputs["text_input"] = (np.array([[_utf8(prompt, "the prompt")]], dtype=object), "BYTES")
     else:
         inputs["messages"] = (np.array([[messages_json.encode()]], dtype=object), "BYTES")
     inputs["stream"] = (np.array([[stream]], dtype=bool), "BOOL")
@@ -270,7 +277,7 @@ class Transport(_TransportSettings):
     def embed(self, model: str, texts: list[str]) -> tuple[np.ndarray, list[int]]:
         if not texts:
             raise InvalidRequestError("input must not be empty")
-        array = np.array([[t.encode()] for t in texts], dtype=object)
+        array = np.array([[_utf8(t, "an input")] for t in texts], dtype=object)
         if self.protocol == "grpc":
             import tritonclient.grpc as module
         else:
@@ -326,8 +333,8 @@ class Transport(_TransportSettings):
             tensors.append(tensor)
         finished = healthy = False
         try:
-            client.start_stream(callback=lambda result, error: results.put((result, error)),
-                                stream_timeout=self.timeout)
+            # No deadline on the stream: `timeout` bounds the wait for each response (below).
+            client.start_stream(callback=lambda result, error: results.put((result, error)))
             try:
                 client.async_stream_infer(model, tensors, request_id=uuid.uuid4().hex,
                                           enable_empty_final_response=True)
@@ -574,7 +581,9 @@ class AsyncTransport(_TransportSettings):
             else:
                 import aiohttp
 
-                self._session = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=self.timeout))
+                # Each read waits at most `timeout`, however long a stream lasts.
+                self._session = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(
+                    total=None, sock_connect=self.timeout, sock_read=self.timeout))
         return self._stub if self.protocol == "grpc" else self._session
 
     async def generate(self, model: str, inputs: Tensors, stream: bool) -> AsyncIterator[GenerationChunk]:
@@ -638,7 +647,7 @@ class AsyncTransport(_TransportSettings):
     async def embed(self, model: str, texts: list[str]) -> tuple[np.ndarray, list[int]]:
         if not texts:
             raise InvalidRequestError("input must not be empty")
-        array = np.array([[t.encode()] for t in texts], dtype=object)
+        array = np.array([[_utf8(t, "an input")] for t in texts], dtype=object)
         if self.protocol == "grpc":
             return await self._retried(lambda: self._grpc_infer(model, {"text_input": (array, "BYTES")}))
         return await self._retried(lambda: self._http_infer(model, texts))
@@ -667,7 +676,8 @@ class AsyncTransport(_TransportSettings):
     async def _grpc(self, model: str, inputs: Tensors) -> AsyncIterator[GenerationChunk]:
         import grpc
 
-        call = self._connect().ModelStreamInfer(timeout=self.timeout)
+        # No deadline on the call: `timeout` bounds the wait for each response, not a long stream.
+        call = self._connect().ModelStreamInfer()
         finished = False
         try:
             await call.write(_infer_request(model, inputs, streamed=True))
@@ -675,7 +685,11 @@ class AsyncTransport(_TransportSettings):
             # last response (no closing exchange afterwards); responses still come.
             await call.done_writing()
             while True:
-                response = await call.read()
+                try:
+                    async with asyncio.timeout(self.timeout):
+                        response = await call.read()
+                except TimeoutError:
+                    raise AnswerTimeoutError(f"no response from {model} within {self.timeout:g} s") from None
                 if response is grpc.aio.EOF:
                     raise ServerUnavailableError(f"the stream of {model} ended without a final response")
                 chunk, finished = _stream_response(response)
@@ -721,6 +735,8 @@ class AsyncTransport(_TransportSettings):
                         if "error" in payload:
                             raise _by_message(payload["error"])
                         yield _chunk_from_json(payload)
+        except aiohttp.SocketTimeoutError:
+            raise AnswerTimeoutError(f"no response from {model} within {self.timeout:g} s") from None
         except (aiohttp.ClientConnectionError, asyncio.TimeoutError) as exc:
             raise ServerUnavailableError(f"Triton at {self.url} is unreachable: {exc!r}") from None
 

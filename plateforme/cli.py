@@ -33,6 +33,17 @@ def port_number(text: str) -> int:
     return port
 
 
+def positive_seconds(text: str) -> float:
+    """An argparse type: a duration in seconds, > 0."""
+    try:
+        seconds = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds") from None
+    if not seconds > 0:
+        raise argparse.ArgumentTypeError(f"{text} is not a positive number of seconds")
+    return seconds
+
+
 def _add_server_args(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("server")
     group.add_argument("--host", default="127.0.0.1",
@@ -297,7 +308,8 @@ def cmd_gateway(args) -> int:
     args.triton_url = triton_address(args.triton_url, "http" if args.http else "grpc")
     print(f"Mistral API gateway on http://{args.host}:{args.port}/v1 -> Triton {args.triton_url} "
           f"({'HTTP' if args.http else 'gRPC'})", flush=True)
-    serve(GatewayConfig(args.triton_url, protocol="http" if args.http else "grpc"), host=args.host, port=args.port)
+    serve(GatewayConfig(args.triton_url, protocol="http" if args.http else "grpc", timeout=args.timeout),
+          host=args.host, port=args.port)
     return 0
 
 
@@ -557,6 +569,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--http", action="store_true", help="talk to Triton over HTTP (give its HTTP port)")
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
     p.add_argument("--port", type=port_number, default=8080, help="port (default 8080)")
+    p.add_argument("--timeout", type=positive_seconds, default=300.0,
+                   help="seconds to wait for Triton's answer, or for each chunk of a stream (default 300)")
     p.set_defaults(func=cmd_gateway)
 
     p = sub.add_parser("chat", help="chat with an endpoint of a running server",

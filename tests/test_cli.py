@@ -44,6 +44,7 @@ def test_help_lists_the_subcommands():
     (["serve", "--model-repository", "/tmp", "--http-port", "99999"], "--http-port: 99999 is not a port number"),
     (["demo", "--gateway-port", "http"], "--gateway-port: 'http' is not a port number"),
     (["gateway", "--port", "0"], "--port: 0 is not a port number"),
+    (["gateway", "--timeout", "0"], "--timeout: 0 is not a positive number of seconds"),
     (["serve", "--model-repository", str(Path(__file__).parent), "--http-port", "9000", "--grpc-port", "9000"],
      "--http-port and --grpc-port are both 9000; give each its own port"),
     (["demo", "--gateway-port", "8002"], "--metrics-port and --gateway-port are both 8002"),

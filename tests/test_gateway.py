@@ -119,6 +119,9 @@ def test_models_health_and_metrics(http):
     assert capabilities["open-mistral-7b"] == {"completion_chat": True, "function_calling": True, "embedding": False}
     assert capabilities["mistral-small"]["function_calling"] is False
     assert capabilities["mistral-embed"] == {"completion_chat": False, "function_calling": False, "embedding": True}
+    # The context the render wrote (the tiny model's 256, SmolLM2's 8192 capped); none for an embedder.
+    contexts = {m["id"]: m.get("max_context_length") for m in http.get("/v1/models").json()["data"]}
+    assert contexts["mistral-tiny"] == 256 and contexts["smollm2"] == 8192 and contexts["mistral-embed"] is None
     assert http.get("/health").json()["status"] == "ok"
     http.post("/v1/embeddings", json={"model": "mistral-embed", "input": "hi"})
     # Requests the gateway refuses itself are counted too.
@@ -181,6 +184,17 @@ def test_client_errors_are_mistral_shaped(http, body, status, stream):
     error = response.json()
     assert error["object"] == "error" and error["message"]
     assert not error["message"].startswith("in ensemble")  # Triton's routing is not the caller's business
+
+
+@pytest.mark.parametrize("route,body", [
+    ("/v1/chat/completions", {"model": "mistral-tiny", "messages": QUESTION, "stop": ["\ud800"], "max_tokens": 2}),
+    ("/v1/embeddings", {"model": "mistral-embed", "input": ["ok", "\ud800"]}),
+])
+def test_text_that_is_not_unicode_is_a_400(http, route, body):
+    # A lone surrogate: valid JSON ("\ud800"), no valid text.
+    response = http.post(route, content=json.dumps(body).encode(), headers={"Content-Type": "application/json"})
+    assert response.status_code == 400, response.text
+    assert "is not valid Unicode text" in response.json()["message"]
 
 
 def test_a_body_that_is_not_json_is_named_so(http):

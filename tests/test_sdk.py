@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import re
+import time
 
 import pytest
 
@@ -91,6 +92,16 @@ def test_plan_maps_mistral_arguments_onto_ensemble_inputs():
     schema = {"type": "object", "properties": {"ok": {"type": "boolean"}}}
     plan = plan_chat(QUESTION, response_format={"type": "json_schema", "json_schema": {"name": "s", "schema": schema}})
     assert (plan.guide_type, json.loads(plan.guide)) == ("json_schema", schema)
+
+
+@pytest.mark.parametrize("arguments,message", [
+    ({"temperature": 5}, r"temperature must be a number in \[0.0, 2.0\], got 5"),
+    ({"random_seed": -1}, "random_seed must be a number in"), ({"random_seed": 2**64}, "random_seed must be"),
+    ({"top_p": "high"}, "top_p must be a number"), ({"max_tokens": 0}, "max_tokens must be a positive integer"),
+])
+def test_arguments_out_of_range_are_refused_as_the_gateway_does(arguments, message):
+    with pytest.raises(InvalidRequestError, match=message):
+        plan_chat([{"role": "user", "content": "hi"}], **arguments)
 
 
 def test_a_temperature_alone_samples_as_in_mistrals_api():
@@ -210,6 +221,35 @@ def test_the_tool_loop_sends_answers_back_as_they_came(server):
 
 
 @needs_server
+@pytest.mark.parametrize("protocol", ["grpc", "http"])
+def test_a_stream_may_outlast_the_timeout_while_chunks_keep_coming(server, protocol):
+    """The timeout bounds the wait for each chunk, not the stream (a long answer on a busy CPU)."""
+    import asyncio
+
+    from plateforme.clients.triton_client import AsyncTransport, GenerationParams, Transport, chat_tensors
+
+    url = server.grpc_url if protocol == "grpc" else server.http_url
+    inputs = chat_tensors(GenerationParams(max_tokens=400, min_tokens=400, temperature=0.0), prompt="Tell a story.",
+                          stream=True)
+    timeout = 2.0
+
+    async def streamed() -> tuple[int, float]:
+        transport = AsyncTransport(url, protocol, timeout=timeout)
+        started, count = time.monotonic(), 0
+        async for _ in transport.generate("smollm2", inputs, stream=True):
+            count += 1
+        await transport.close()
+        return count, time.monotonic() - started
+
+    count, seconds = asyncio.run(streamed())
+    assert seconds > timeout and count >= 100, (count, seconds)  # longer than the timeout, and whole
+    if protocol == "grpc":  # the threaded transport too
+        started = time.monotonic()
+        assert sum(1 for _ in Transport(url, protocol, timeout=timeout).generate("smollm2", inputs, stream=True)) >= 100
+        assert time.monotonic() - started > timeout
+
+
+@needs_server
 def test_errors_are_classified(server):
     client = PlateformeClient(server.grpc_url)
     with pytest.raises(ModelNotFoundError):
@@ -237,7 +277,13 @@ def test_registry_lists_only_served_endpoints(server):
     # client.models, as in mistralai
     client = PlateformeClient(server.grpc_url)
     assert {m.id for m in client.models.list().data} == set(endpoints)
-    assert client.models.retrieve(model_id="open-mixtral-8x7b").root == "mistral-small"
+    card = client.models.retrieve(model_id="open-mistral-7b")
+    assert card.root == "mistral-tiny" and card.capabilities["function_calling"] and card.max_context_length == 256
+    # A card's creation time is when the endpoint was first seen, not the last look at the server.
+    fresh = Registry(server.grpc_url, ttl=0)
+    first = {e.id: e.created for e in fresh.endpoints()}
+    time.sleep(1.1)
+    assert {e.id: e.created for e in fresh.endpoints()} == first
     with pytest.raises(ModelNotFoundError):
         client.models.retrieve(model_id="mistral-medium")
 
@@ -315,7 +361,6 @@ def wait_for_idle_engine(server, model="mistral-tiny-engine", timeout=30.0):
 def wait_for_active(server, count: int, model="mistral-tiny-engine", timeout=30.0):
     """Until the engine reports `count` active sequences (it does so after the step whose
     responses may already have reached the client)."""
-    import time
 
     deadline = time.monotonic() + timeout
     while _gauge(server, model) != count:
@@ -415,7 +460,6 @@ def test_whole_answers_share_one_stream_without_cross_talk(server):
 def _answered(server, model: str, at_least: int = 0) -> tuple[int, int]:
     """(succeeded, failed) request counts of `model` in Triton's statistics extension, once at
     least `at_least` succeeded (a request is counted when its last response has gone out)."""
-    import time
     import urllib.request
 
     deadline = time.monotonic() + 10
@@ -434,7 +478,6 @@ def test_shared_stream_recovers_when_triton_restarts(tmp_path, tiny_mistral_dir)
     Triton is back the next one opens a new stream. An idle shared stream closes itself, so that
     Triton's graceful shutdown (which waits for open streams) does not wait for the client."""
     import asyncio
-    import time
 
     from plateforme.builders.repository import ChatEndpoint, render_repository
     from plateforme.clients.triton_client import AsyncTransport, GenerationParams, _SharedStream, chat_tensors
