@@ -28,8 +28,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from plateforme.clients.registry import Endpoint, Registry
 from plateforme.clients.sdk import (
     MAX_CHOICES, PARAMETER_RANGES, AsyncTransport, ChatPlan, CompletionChunk, InvalidRequestError, ModelNotFoundError,
-    PlateformeError,
-    UsageInfo, all_or_none, completion_id, completion_response, embedding_response, plan_chat,
+    PlateformeError, UsageInfo, all_or_none, completion_id, completion_response, embedding_response, plan_chat,
     stream_chunks_async,
 )
 from plateforme.clients.triton_client import DEFAULT_GRPC_URL

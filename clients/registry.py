@@ -27,7 +27,8 @@ class Endpoint:
     max_context_length: int | None = None  # a chat endpoint's prompt + answer, in tokens
 
     def card(self) -> dict:
-        """The endpoint as Mistral's API describes a model (GET /v1/models)."""
+        """The endpoint as Mistral's API describes a model (GET /v1/models). `type` "base" (not a
+        fine-tuned model): Mistral's SDK needs it to tell the two kinds of card apart."""
         chat = self.kind == "chat"
         card = {"id": self.id, "object": "model", "type": "base", "created": self.created, "owned_by": "plateforme",
                 "root": self.model, "capabilities": {"completion_chat": chat, "function_calling": self.function_calling,

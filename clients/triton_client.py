@@ -59,8 +59,9 @@ class PlateformeError(EndpointError):
     status_code = 500
 
     def __init__(self, message: str):
-        # Triton names the ensemble a composing model's error went through; the caller named it already.
-        message = re.sub(r"^in ensemble '[^']*', ", "", message)
+        # Triton prefixes the request id and the ensemble a composing model's error went through:
+        # the caller knows both.
+        message = re.sub(r"^(\[request id: [^\]]*\] )?(in ensemble '[^']*', )?", "", message)
         super().__init__(message)
         self.message = message
 

@@ -40,7 +40,7 @@ class TritonPythonModel:
             try:
                 batch = [t.text(v) for v in t.optional_array(request, "text_input").reshape(-1)]
                 if not all(s.strip() for s in batch):
-                    raise t.InputError("text_input must be non-empty text")
+                    raise t.InputError("every input must be non-empty text (not blank)")
             except ValueError as exc:
                 responses[index] = t.error_response(exc)
                 continue
