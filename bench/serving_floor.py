@@ -28,12 +28,13 @@ from pathlib import Path
 from inflight import ENDPOINT, P2_PROMPT, pct, serving_overhead
 from plateforme.builders.assets import prepare_assets
 from plateforme.builders.repository import ChatEndpoint, render_repository
+from plateforme.python_backend.engine import resolve_dtype
 from plateforme.server import ServerConfig, TritonServer, free_port
 from results import RESULTS, record
 
 SECTION = "## Serving overhead against the python backend's floor"
-# The evicting stand-in's step reads this much memory: about SmolLM2-135M's bfloat16 weights.
-SWEEP_BYTES = 256 * 2**20
+# The evicting stand-in's step reads as much memory as the demo model's weights (SmolLM2-135M).
+DEMO_PARAMETERS = 135_000_000
 
 # Stand-ins: the tensors our models send for a 1-token request, made without any work.
 STAND_INS = {
@@ -140,10 +141,13 @@ def main() -> int:
     load_before = os.getloadavg()
     names = ("ours", "floor", "floor, evicting")
     figures: dict[str, list[float]] = {name: [] for name in names}
+    # The engine's dtype here (auto: bfloat16 where the CPU has AVX512-BF16, else float32).
+    dtype = resolve_dtype("auto")
+    sweep_bytes = DEMO_PARAMETERS * dtype.itemsize
     with tempfile.TemporaryDirectory(prefix="plateforme-floor-") as tmp:
         ours = render_repository(Path(tmp) / "ours", [ChatEndpoint(ENDPOINT, model_dir, max_batch_size=16)])
         repositories = [ours, stand_in_repository(ours, Path(tmp) / "floor", 0),
-                        stand_in_repository(ours, Path(tmp) / "floor-evicting", SWEEP_BYTES)]
+                        stand_in_repository(ours, Path(tmp) / "floor-evicting", sweep_bytes)]
         servers = [TritonServer(ServerConfig(repo, http_port=free_port(), grpc_port=free_port(),
                                              metrics_port=free_port(), log_file=Path(tmp) / f"{repo.name}.log"))
                    for repo in repositories]
@@ -174,10 +178,10 @@ def main() -> int:
         f"- {args.rounds} rounds of {args.requests} requests on each of three servers, taken in turns; 1-token "
         f"request (`text_input` {P2_PROMPT!r}, max_tokens 1, not streamed) on one gRPC stream; each figure is the "
         "round trip minus the engine's step time for the request (its /metrics counter)",
-        f"- ours (P2, the demo model's bfloat16 step): {spread('ours')}",
+        f"- ours (P2, the demo model's {str(dtype).removeprefix('torch.')} step): {spread('ours')}",
         f"- floor, stand-in models, a step that does nothing: {spread('floor')}",
-        f"- floor, stand-in models, a step that reads {SWEEP_BYTES / 2**20:.0f} MiB (about the demo model's "
-        f"bf16 weights, so the caches are as cold as after a forward pass): {spread('floor, evicting')}",
+        f"- floor, stand-in models, a step that reads {sweep_bytes / 2**20:.0f} MiB (about the demo model's "
+        f"weights in that dtype, so the caches are as cold as after a forward pass): {spread('floor, evicting')}",
         f"- ours - floor: {p50['ours'] - p50['floor']:.2f} ms p50; ours - evicting floor: "
         f"{p50['ours'] - p50['floor, evicting']:.2f} ms p50",
     ]
