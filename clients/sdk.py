@@ -594,6 +594,8 @@ class _Stopped(Exception):
 def _api_kwargs(kwargs: dict, streamed: bool = False) -> dict:
     # mistralai passes `stream`; streams of several choices are served by the gateway.
     kwargs = {k: v for k, v in kwargs.items() if v is not None and k != "stream"}
+    if "max_completion_tokens" in kwargs:  # OpenAI's name
+        kwargs.setdefault("max_tokens", kwargs.pop("max_completion_tokens"))
     if streamed and kwargs.pop("n", 1) != 1:
         raise InvalidRequestError("a stream carries one choice here (n = 1); the gateway streams several")
     return kwargs

@@ -273,6 +273,7 @@ def cmd_demo(args) -> int:
     repository = _render(args, chat, embeddings)
     print(f"Model repository: {repository}")
     server = TritonServer(_server_config(args, repository))
+    server.check()
     print(f"Starting tritonserver (log: {server.log_path})...", flush=True)
 
     def on_ready():
@@ -295,8 +296,13 @@ def _start_gateway_thread(triton_url: str, host: str, port: int) -> None:
                                            log_level="warning"))
     server.install_signal_handlers = lambda: None  # the demo's own handlers stop everything
     threading.Thread(target=server.run, daemon=True).start()
-    print(f"Mistral API gateway: http://{host}:{port}/v1 (Mistral(server_url=\"http://{host}:{port}\"))",
+    url = f"http://{_url_host(host)}:{port}"
+    print(f"Mistral API gateway: {url}/v1 (Mistral(server_url=\"{url}\"))",
           flush=True)
+
+
+def _url_host(host: str) -> str:
+    return f"[{host}]" if ":" in host else host
 
 
 def cmd_gateway(args) -> int:
@@ -306,7 +312,7 @@ def cmd_gateway(args) -> int:
 
     check_port_free(args.host, args.port, "--port")
     args.triton_url = triton_address(args.triton_url, "http" if args.http else "grpc")
-    print(f"Mistral API gateway on http://{args.host}:{args.port}/v1 -> Triton {args.triton_url} "
+    print(f"Mistral API gateway on http://{_url_host(args.host)}:{args.port}/v1 -> Triton {args.triton_url} "
           f"({'HTTP' if args.http else 'gRPC'})", flush=True)
     serve(GatewayConfig(args.triton_url, protocol="http" if args.http else "grpc", timeout=args.timeout),
           host=args.host, port=args.port)
@@ -579,7 +585,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("prompt", help="the user message")
     p.add_argument("--model", default="mistral-tiny", help="endpoint or alias (default mistral-tiny)")
     p.add_argument("--system", help="a system prompt")
-    p.add_argument("--max-tokens", type=int, default=256, help="most tokens to generate (default 256)")
+    p.add_argument("--max-tokens", type=int, help="most tokens to generate (default: up to the end of the context)")
     p.add_argument("--temperature", type=float, help="sampling temperature (default: greedy, as 0)")
     p.add_argument("--top-p", type=float, help="nucleus sampling mass (default 1 with a temperature)")
     p.add_argument("--seed", type=int, help="random seed, for reproducible sampling")

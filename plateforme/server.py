@@ -129,8 +129,20 @@ class TritonServer:
 
     # -- addresses ---------------------------------------------------------------------
     @property
+    def bind_address(self) -> str:
+        """The numeric IPv4 address tritonserver binds: it takes neither names (it bound "localhost"
+        as 255.255.255.255) nor IPv6 addresses."""
+        host = self.config.host or "0.0.0.0"
+        try:
+            return socket.getaddrinfo(host, None, socket.AF_INET, socket.SOCK_STREAM)[0][4][0]
+        except socket.gaierror:
+            raise ServerError(f"--host {host} is not an IPv4 address or name: tritonserver listens on IPv4 "
+                              "(127.0.0.1, or 0.0.0.0 for every interface)") from None
+
+    @property
     def _probe_host(self) -> str:
-        return "127.0.0.1" if self.config.host in ("0.0.0.0", "") else self.config.host
+        address = self.bind_address
+        return "127.0.0.1" if address == "0.0.0.0" else address
 
     @property
     def http_url(self) -> str:
@@ -150,11 +162,11 @@ class TritonServer:
         cmd = [
             str(self.install.binary),
             f"--model-repository={Path(cfg.model_repository).absolute()}",
-            f"--http-address={cfg.host}",
+            f"--http-address={self.bind_address}",
             f"--http-port={cfg.http_port}",
-            f"--grpc-address={cfg.host}",
+            f"--grpc-address={self.bind_address}",
             f"--grpc-port={cfg.grpc_port}",
-            f"--metrics-address={cfg.host}",
+            f"--metrics-address={self.bind_address}",
             f"--metrics-port={cfg.metrics_port}",
             f"--backend-config=python,shm-region-prefix-name={self.shm_prefix}",
             # Rendered configs are complete; skipping auto-complete makes start-up ~3x faster.
@@ -180,7 +192,8 @@ class TritonServer:
         return env
 
     def check(self) -> None:
-        """What start() would fail on before launching anything: ports and the repository."""
+        """What start() would fail on before launching anything: the host, ports and the repository."""
+        address = self.bind_address
         ports = {"--http-port": self.config.http_port, "--grpc-port": self.config.grpc_port,
                  "--metrics-port": self.config.metrics_port}
         check_distinct_ports(ports)
@@ -191,7 +204,7 @@ class TritonServer:
             raise ServerError(f"model repository {repo} holds no models (no MODEL/config.pbtxt in it); "
                               "render one with `plateforme repo`")
         for flag, port in ports.items():
-            check_port_free(self.config.host, port, flag)
+            check_port_free(address, port, flag)
 
     def start(self, timeout: float = 300.0) -> "TritonServer":
         self.check()

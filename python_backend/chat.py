@@ -91,7 +91,7 @@ def _validate_message(index: int, message: Any) -> dict[str, Any]:
 
 def _validate_content(where: str, content: Any) -> str:
     if isinstance(content, str):
-        return content
+        return _unicode(f"{where}.content", content)
     if isinstance(content, list):
         texts = []
         for j, chunk in enumerate(content):
@@ -100,8 +100,17 @@ def _validate_content(where: str, content: Any) -> str:
                     f"{where}.content[{j}] must be a text chunk {{\"type\": \"text\", \"text\": \"...\"}}"
                 )
             texts.append(chunk["text"])
-        return "".join(texts)
+        return _unicode(f"{where}.content", "".join(texts))
     raise ChatRequestError(f"{where}.content must be a string or a list of text chunks, got {_type_name(content)}")
+
+
+def _unicode(where: str, text: str) -> str:
+    """`text`, refused if a lone surrogate (JSON's "\ud800") makes it no text at all."""
+    try:
+        text.encode()
+    except UnicodeEncodeError as exc:
+        raise ChatRequestError(f"{where} is not valid Unicode text ({exc.reason} at {exc.start})") from None
+    return text
 
 
 def _validate_tool_calls(where: str, tool_calls: Any) -> list[dict[str, Any]]:

@@ -331,10 +331,11 @@ class Engine:
             return self._finish(seq, "stop", len(seq.tokens) - stop)
         if params.guide is not None and params.guide.is_terminated():
             return self._finish(seq, "stop", len(seq.tokens))
-        if len(seq.tokens) >= params.max_tokens:
-            return self._finish(seq, "length", len(seq.tokens))
+        # A full context says so even where max_tokens ends there too (its default: the rest of the context).
         if len(seq.prompt) + len(seq.tokens) >= self.max_seq_len:
             return self._finish(seq, "model_length", len(seq.tokens))
+        if len(seq.tokens) >= params.max_tokens:
+            return self._finish(seq, "length", len(seq.tokens))
         # Hold back a tail that may still become a stop word.
         return self._release(seq, len(seq.tokens) - _stop_prefix_len(seq.tokens, params.stop_words))
 

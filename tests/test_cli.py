@@ -45,6 +45,7 @@ def test_help_lists_the_subcommands():
     (["demo", "--gateway-port", "http"], "--gateway-port: 'http' is not a port number"),
     (["gateway", "--port", "0"], "--port: 0 is not a port number"),
     (["gateway", "--timeout", "0"], "--timeout: 0 is not a positive number of seconds"),
+    (["serve", "--model-repository", "/tmp", "--host", "::1"], "--host ::1 is not an IPv4 address or name"),
     (["serve", "--model-repository", str(Path(__file__).parent), "--http-port", "9000", "--grpc-port", "9000"],
      "--http-port and --grpc-port are both 9000; give each its own port"),
     (["demo", "--gateway-port", "8002"], "--metrics-port and --gateway-port are both 8002"),
@@ -78,6 +79,14 @@ def test_an_unparsable_config_pbtxt_is_named_with_its_line(tmp_path):
     first_line = result.stderr.splitlines()[0]
     assert f"model directory 'broken': failed to read text proto from {tmp_path}/broken/config.pbtxt" in first_line
     assert "at line:column 3:" in first_line
+
+
+def test_tritonserver_binds_the_numeric_address_of_a_host_name():
+    from plateforme.server import ServerConfig, TritonServer
+
+    # tritonserver took "localhost" for 255.255.255.255 and never became ready on HTTP.
+    command = TritonServer(ServerConfig("/tmp", host="localhost")).command()
+    assert {"--http-address=127.0.0.1", "--grpc-address=127.0.0.1", "--metrics-address=127.0.0.1"} <= set(command)
 
 
 def test_repo_renders_given_endpoints(tmp_path, tiny_mistral_dir):

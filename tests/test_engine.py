@@ -255,8 +255,11 @@ def test_context_limit(tiny_mistral_dir):
     tokens, last = generate(engine, prompt(60), max_tokens=10)
     assert len(tokens) == 4
     assert (last.finish_reason, last.prompt_len, last.generated_len) == ("model_length", 60, 4)
+    # max_tokens ending where the context does: the context is what ran out (as without max_tokens).
     tokens, last = generate(engine, prompt(60), max_tokens=4)
-    assert len(tokens) == 4 and last.finish_reason == "length"
+    assert len(tokens) == 4 and last.finish_reason == "model_length"
+    tokens, last = generate(engine, prompt(60), max_tokens=3)
+    assert len(tokens) == 3 and last.finish_reason == "length"
     with pytest.raises(ValueError, match="prompt has 64 tokens but the model's context is 64 tokens"):
         engine.add_request("r", prompt(64), SamplingParams(max_tokens=1))
     assert not engine.has_work()

@@ -189,6 +189,7 @@ def test_client_errors_are_mistral_shaped(http, body, status, stream):
 @pytest.mark.parametrize("route,body", [
     ("/v1/chat/completions", {"model": "mistral-tiny", "messages": QUESTION, "stop": ["\ud800"], "max_tokens": 2}),
     ("/v1/embeddings", {"model": "mistral-embed", "input": ["ok", "\ud800"]}),
+    ("/v1/chat/completions", {"model": "mistral-tiny", "messages": [{"role": "user", "content": "a\ud800"}]}),
 ])
 def test_text_that_is_not_unicode_is_a_400(http, route, body):
     # A lone surrogate: valid JSON ("\ud800"), no valid text.

@@ -149,6 +149,9 @@ def test_n_choices_sync_and_async(client):
     assert [choice.index for choice in many.choices] == [0, 1, 2] and len(set(texts)) > 1, texts
     assert client.chat.complete(**{**kwargs, "random_seed": 13}).choices[0].message.content == texts[2]
     assert many.usage.completion_tokens == 3 * 8
+    del kwargs["max_tokens"]  # OpenAI's name for it is taken too
+    assert client.chat.complete(max_completion_tokens=3, **kwargs).usage.completion_tokens == 3
+    kwargs["max_tokens"] = 8
     again = asyncio.run(client.chat.complete_async(n=3, **kwargs))
     assert [choice.message.content for choice in again.choices] == texts
     with pytest.raises(InvalidRequestError, match="n must be an integer in 1..16"):

@@ -150,7 +150,7 @@ def test_without_max_tokens_an_answer_may_fill_the_context(server, tiny_mistral_
     last = responses[-1]
     prompt_tokens = int(last["num_input_tokens"].reshape(-1)[0])
     assert prompt_tokens + int(last["num_output_tokens"].reshape(-1)[0]) == 256
-    assert last["finish_reason"].reshape(-1)[0].decode() == "length"
+    assert last["finish_reason"].reshape(-1)[0].decode() == "model_length"
 
 
 def test_prompt_is_echoed_only_when_asked(server, tiny_mistral_dir):
