@@ -47,7 +47,8 @@ def positive_seconds(text: str) -> float:
 def _add_server_args(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("server")
     group.add_argument("--host", default="127.0.0.1",
-                       help="address to bind HTTP, gRPC and metrics to (default 127.0.0.1; 0.0.0.0 for all)")
+                       help="IPv4 address or name to bind HTTP, gRPC and metrics to (default 127.0.0.1; "
+                            "0.0.0.0 for all)")
     group.add_argument("--http-port", type=port_number, default=8000, help="HTTP port (default 8000)")
     group.add_argument("--grpc-port", type=port_number, default=8001, help="gRPC port (default 8001)")
     group.add_argument("--metrics-port", type=port_number, default=8002, help="Prometheus metrics port (default 8002)")
