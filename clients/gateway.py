@@ -28,8 +28,8 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from plateforme.clients.registry import Endpoint, Registry
 from plateforme.clients.sdk import (
     MAX_CHOICES, PARAMETER_RANGES, AsyncTransport, ChatPlan, CompletionChunk, InvalidRequestError, ModelNotFoundError,
-    PlateformeError, UsageInfo, all_or_none, completion_id, completion_response, embedding_response, plan_chat,
-    stream_chunks_async,
+    PlateformeError, UsageInfo, all_or_none, completion_id, completion_response, embedding_response, first_chunk,
+    plan_chat, stream_chunks_async,
 )
 from plateforme.clients.triton_client import DEFAULT_GRPC_URL
 
@@ -292,7 +292,7 @@ def create_app(config: GatewayConfig | None = None) -> FastAPI:
         streams = [transport.generate(endpoint.model, choice.tensors(stream=True), stream=True) for choice in plans]
         try:
             # The first chunks come before the response starts, so early errors get their status.
-            firsts = await all_or_none([_first(stream) for stream in streams])
+            firsts = await all_or_none([first_chunk(stream) for stream in streams])
         except BaseException:
             for stream in streams:
                 await stream.aclose()
@@ -364,13 +364,6 @@ def _problem(error: dict) -> str:
         return f"the body is not valid JSON ({error.get('ctx', {}).get('error', error['msg'])})"
     where = ".".join(str(part) for part in error["loc"] if part != "body")
     return f"{where}: {error['msg']}" if where else error["msg"]
-
-
-async def _first(stream: AsyncIterator):
-    try:
-        return await stream.__anext__()
-    except StopAsyncIteration:
-        return None
 
 
 async def _interleaved_choices(model: str, plans: list[ChatPlan], sources: list[AsyncIterator]

@@ -578,13 +578,20 @@ class Chat:
         target, plan = self._client.resolve(model), plan_chat(messages, **_api_kwargs(kwargs, streamed=True))
         source = self._client.async_transport.generate(target, plan.tensors(stream=True), stream=True)
         try:
-            first = await source.__anext__()
-        except StopAsyncIteration:
-            first = None
+            first = await first_chunk(source)
         except BaseException:
             await source.aclose()
             raise
         return EventStreamAsync(model, plan, first, source)
+
+
+async def first_chunk(stream: AsyncIterator):
+    """The first item of `stream`, None when it has none; awaited before a response starts, so that
+    a request's early errors get their own status."""
+    try:
+        return await stream.__anext__()
+    except StopAsyncIteration:
+        return None
 
 
 class _Stopped(Exception):

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import functools
 import glob
 import os
 import re
@@ -128,10 +129,10 @@ class TritonServer:
         self._log_handle = None
 
     # -- addresses ---------------------------------------------------------------------
-    @property
+    @functools.cached_property
     def bind_address(self) -> str:
         """The numeric IPv4 address tritonserver binds: it takes neither names (it bound "localhost"
-        as 255.255.255.255) nor IPv6 addresses."""
+        as 255.255.255.255) nor IPv6 addresses. Resolved once: every URL property reads it."""
         host = self.config.host or "0.0.0.0"
         try:
             return socket.getaddrinfo(host, None, socket.AF_INET, socket.SOCK_STREAM)[0][4][0]
