@@ -7,7 +7,7 @@ Both run the demo model's own weights: every dense layer's fused q/k/v, output, 
 down projections in turn (as a step does, so the weights come from memory, not from cache), then
 the output projection. The baseline is oneDNN's prepacked matmul, the path the model takes
 without the kernel. For each row count it prints the median of the runs, alternated, and the ratio.
-Needs a CPU with AVX512-BF16 (where the kernel is built).
+Needs a CPU with AVX512F (where the kernel is built).
 """
 from __future__ import annotations
 
@@ -55,7 +55,7 @@ def main() -> int:
     args = parser.parse_args()
     kernels = cpu_kernels.load()
     if kernels is None or not kernels.has_linear:
-        print("the linear kernel is built only on CPUs with AVX512-BF16, with a C compiler", file=sys.stderr)
+        print("the linear kernel is built only on CPUs with AVX512F, with a C compiler", file=sys.stderr)
         return 1
     model_dir = prepare_assets(names=["smollm2-mistral"], progress=False)["smollm2-mistral"]
     model = load_model(model_dir, dtype=torch.bfloat16)

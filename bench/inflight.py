@@ -8,7 +8,9 @@ real tritonserver and measures, in one run:
   at once, and a staggered closed loop: the steady state). Baselines, in process with the same
   weights and dtype: HF `generate()` one request after another (before the server starts), and
   HF `generate()` on one left-padded batch of the same prompts, taken in turns with the engine
-  alone in process and with the N streams through the server (its engine idle meanwhile).
+  alone in process and with the N streams through the server (its engine idle meanwhile). Where
+  the engine runs bfloat16 on a CPU without native bf16 matmuls (AVX512F only: our kernels widen
+  the weights), HF is measured in float32 as well, its faster dtype there, and both ratios printed.
 - P2: serving overhead: round trip of a 1-token request through the ensemble minus the engine's
   own time for that request (its step time, which the engine model counts on /metrics), on one
   persistent gRPC stream, and with a new stream per request.
@@ -324,6 +326,11 @@ def common_prefix(a: str, b: str) -> int:
     return n
 
 
+def native_bf16() -> bool:
+    """Whether this CPU multiplies bfloat16 natively (torch's bf16 matmuls run fast here)."""
+    return bool({"avx512_bf16", "amx_bf16"} & set(Path("/proc/cpuinfo").read_text().split()))
+
+
 def cpu_facts() -> tuple[str, str]:
     text = Path("/proc/cpuinfo").read_text()
     model = next((line.split(":", 1)[1].strip() for line in text.splitlines() if line.startswith("model name")),
@@ -381,6 +388,17 @@ def main() -> int:
             hf_texts = [tokenizer.decode(o) for o in outputs]
             log(f"  HF sequential: {hf_seq_runs[-1]:.1f} tok/s")
         hf_batch(model, prompts, 4, tokenizer.pad_id)  # warm-up
+    # HF's bf16 matmuls without native bf16 run slower than float32: then float32 too, HF's best here.
+    model32, hf32_seq_runs, hf32_batch_runs = None, [], []
+    if dtype == torch.bfloat16 and not native_bf16():
+        log("HF transformers baselines (float32, the faster dtype for HF on this CPU)")
+        model32 = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+        with torch.inference_mode():
+            hf_sequential(model32, base[:1], 4)  # warm-up
+            for _ in range(args.repeats):
+                hf32_seq_runs.append(len(singles) * n / hf_sequential(model32, singles, n)[0])
+                log(f"  HF sequential, float32: {hf32_seq_runs[-1]:.1f} tok/s")
+            hf_batch(model32, prompts, 4, tokenizer.pad_id)  # warm-up
     torch_threads = torch.get_num_threads()
 
     # The engine alone: where the serving path's tokens/s stand against the engine's own.
@@ -404,6 +422,10 @@ def main() -> int:
                 with torch.inference_mode():
                     hf_batch_runs.append(len(prompts) * n / hf_batch(model, prompts, n, tokenizer.pad_id))
                 log(f"  HF batch of {len(prompts)}: {hf_batch_runs[-1]:.1f} tok/s")
+                if model32 is not None:
+                    with torch.inference_mode():
+                        hf32_batch_runs.append(len(prompts) * n / hf_batch(model32, prompts, n, tokenizer.pad_id))
+                    log(f"  HF batch of {len(prompts)}, float32: {hf32_batch_runs[-1]:.1f} tok/s")
                 engine_runs.append(engine_throughput(engine, prompts, n, f"run{r}"))
                 log(f"  engine alone in process, {len(prompts)} sequences: {engine_runs[-1]:.1f} tok/s")
                 wall, replies = asyncio.run(concurrent(url, prompts, n))
@@ -412,7 +434,7 @@ def main() -> int:
                 ttft_n += [r.ttft for r in replies]
                 concurrent_texts = {i: r.text for i, r in enumerate(replies[: len(base)])}
                 log(f"  ours, {len(prompts)} concurrent streams: {ours_runs[-1]:.1f} tok/s")
-            del model
+            del model, model32
             gc.collect()
             # Steady state: staggered starts spread over one request's duration at full load.
             stagger = statistics.median(len(prompts) * n / r for r in ours_runs) / len(prompts)
@@ -463,6 +485,10 @@ def main() -> int:
          f"{ms(pct(ttft_1, 50))} / {ms(pct(ttft_n, 50))}", f"{ms(pct(ttft_1, 99))} / {ms(pct(ttft_n, 99))}"),
         ("HF generate(), one request after another", f"{hf_seq:.1f} tok/s", "–", "", ""),
         (f"HF generate(), one left-padded batch of {k}", "–", f"{hf_bat:.1f} tok/s", "", ""),
+        *([("HF generate(), one request after another, float32", f"{statistics.median(hf32_seq_runs):.1f} tok/s",
+            "–", "", ""),
+           (f"HF generate(), one left-padded batch of {k}, float32", "–",
+            f"{statistics.median(hf32_batch_runs):.1f} tok/s", "", "")] if hf32_batch_runs else []),
         ("(engine alone in process: no Triton, no client)", "–", f"{statistics.median(engine_runs):.1f} tok/s",
          "", ""),
     ]
@@ -484,7 +510,9 @@ def main() -> int:
         "",
         f"- runs, tok/s: ours {k} streams {[round(x, 1) for x in ours_runs]}, ours 1 stream "
         f"{[round(x, 1) for x in ours_single_runs]}, HF sequential {[round(x, 1) for x in hf_seq_runs]}, "
-        f"HF batch {[round(x, 1) for x in hf_batch_runs]}, engine alone {[round(x, 1) for x in engine_runs]}",
+        f"HF batch {[round(x, 1) for x in hf_batch_runs]}, engine alone {[round(x, 1) for x in engine_runs]}"
+        + (f", HF float32 sequential {[round(x, 1) for x in hf32_seq_runs]}, HF float32 batch "
+           f"{[round(x, 1) for x in hf32_batch_runs]}" if hf32_batch_runs else ""),
         f"- TTFT samples: {len(ttft_1)} at 1 stream (the 1-stream requests and each prompt alone), "
         f"{len(ttft_n)} at {k} (every stream of every run); time from send to the first chunk with text",
         f"- TTFT at {k} streams, burst (the table's column): all {k} requests sent at the same instant, so the "
@@ -513,6 +541,11 @@ def main() -> int:
         f"- ratio P1 ours/HF-sequential: {ours / hf_seq:.2f}x (goal >= 5x)",
         f"- ratio P1 ours/HF-batch: {ours / hf_bat:.2f}x (goal >= 1.5x); run by run, each pair taken back to "
         f"back: {[round(a / b, 2) for a, b in zip(ours_runs, hf_batch_runs)]}",
+        *([f"- ratio P1 ours/HF-sequential in float32 (HF's faster dtype on this CPU): "
+           f"{ours / statistics.median(hf32_seq_runs):.2f}x",
+           f"- ratio P1 ours/HF-batch in float32 (HF's faster dtype on this CPU): "
+           f"{ours / statistics.median(hf32_batch_runs):.2f}x; run by run: "
+           f"{[round(a / b, 2) for a, b in zip(ours_runs, hf32_batch_runs)]}"] if hf32_batch_runs else []),
         f"- ratio TTFT{k}/TTFT1 p50, steady state: {ttft_steady_ratio:.2f}x (goal <= 2x, judged here)",
         f"- ratio TTFT{k}/TTFT1 p50, burst of {k} at once: {ttft_ratio:.2f}x (reported, not the goal)",
         f"- P2 serving overhead p50: {overhead * 1000:.2f} ms (goal <= 3 ms)",

@@ -22,7 +22,7 @@ from typing import Literal
 import torch
 
 from .errors import EngineBusy
-from .model import Segment, Transformer, load_model
+from .model import Segment, Transformer, cpu_kernels, load_model
 from .sampling import Sampler, SamplingParams
 
 FinishReason = Literal["end_id", "stop", "length", "model_length", "cancelled", "error"]
@@ -34,9 +34,10 @@ _DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torc
 
 
 def resolve_dtype(name: str, device: str | torch.device = "cpu") -> torch.dtype:
-    """A dtype name, or "auto": bfloat16 where matrix units compute it natively (CUDA, or x86 CPUs
-    with AVX512-BF16 / AMX), float32 elsewhere: without them bf16 matmuls of more than one row
-    run several times slower than float32 (measured on AVX2)."""
+    """A dtype name, or "auto": bfloat16 where it computes fast (CUDA; x86 CPUs with AVX512-BF16 / AMX;
+    CPUs with AVX512F where our CPU kernels compile: their linear reads bfloat16 weights and widens
+    them in registers), float32 elsewhere: there torch's bf16 matmuls of more than one row run
+    several times slower than float32 (measured on AVX2 and on AVX512F without BF16)."""
     if name != "auto":
         if name not in _DTYPES:
             raise ValueError(f"unsupported dtype {name!r}: expected auto or one of {sorted(_DTYPES)}")
@@ -48,7 +49,10 @@ def resolve_dtype(name: str, device: str | torch.device = "cpu") -> torch.dtype:
             flags = set(handle.read().split())
     except OSError:
         flags = set()
-    return torch.bfloat16 if flags & {"avx512_bf16", "amx_bf16"} else torch.float32
+    if flags & {"avx512_bf16", "amx_bf16"}:
+        return torch.bfloat16
+    kernels = cpu_kernels.load() if "avx512f" in flags else None
+    return torch.bfloat16 if kernels is not None and kernels.has_linear else torch.float32
 
 
 @dataclass

@@ -62,7 +62,7 @@ def test_silu_mul_matches_silu_times_up(kernels):
     assert_within_one_bf16_step(kernels.silu_mul(gate_up), F.silu(gate) * up)
 
 
-@pytest.mark.parametrize("head_dim", [16, 64, 128])  # 16: the portable path; 64, 128: AVX512-BF16 where present
+@pytest.mark.parametrize("head_dim", [16, 64, 128])  # 16: the portable path; 64, 128: AVX512 where present
 @pytest.mark.parametrize("window", [None, 5])
 def test_decode_attention_writes_the_cache_and_matches_the_reference(kernels, head_dim, window):
     n_slots, heads, kv_heads, capacity = 4, 6, 2, 32
@@ -101,7 +101,7 @@ def test_decode_attention_writes_the_cache_and_matches_the_reference(kernels, he
 @pytest.fixture(scope="module")
 def linear_kernels(kernels):
     if not kernels.has_linear:
-        pytest.skip("the linear kernel is built only where the CPU has AVX512-BF16")
+        pytest.skip("the linear kernel is built only where the CPU has AVX512F")
     return kernels
 
 

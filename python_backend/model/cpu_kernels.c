@@ -4,13 +4,15 @@
  * their size: each torch op costs microseconds of dispatch for a few thousand elements. These
  * kernels do in one call what takes the eager model 5-15 ops (RMSNorm, residual add + RMSNorm,
  * rotary, SwiGLU, and the cache write + attention of decode tokens and of prompt tokens in fresh
- * entries); where the CPU has AVX512-BF16 the linear layers run here too (pf_linear). Elementwise results are
+ * entries); where the CPU has AVX512F the linear layers run here too (pf_linear). Elementwise results are
  * rounded to bfloat16 exactly where the torch ops round them, so they match the eager path up to
  * the order of float32 sums; attention keeps its scores and probabilities in float32, as the
  * flash kernels do. Work is split over OpenMP threads (decode attention by token and KV head, the
  * row-wise kernels by rows): built with -fopenmp, the library uses the OpenMP runtime torch already
- * loaded, and so torch's waiting workers. Plain C that compilers vectorise, plus AVX512-BF16 dot
- * products where the CPU has them.
+ * loaded, and so torch's waiting workers. Plain C that compilers vectorise, plus AVX512 dot products
+ * of bfloat16 pairs: VDPBF16PS where the CPU has AVX512-BF16, both halves widened to float32 and two
+ * FMAs where it has only AVX512F (bfloat16 weights then still halve the bytes a step reads, which is
+ * what bounds a decode step, while torch's bfloat16 matmuls there run slower than float32).
  */
 #include <math.h>
 #include <stdint.h>
@@ -154,26 +156,55 @@ static float softmax_in_place(float *scores, int64_t n) {
     return n ? 1.0f / total : 0.0f;
 }
 
-#if defined(__AVX512F__) && defined(__AVX512BF16__)
+#ifdef __AVX512F__
 #include <immintrin.h>
+
+/* acc + the products of 16 pairs of bfloat16 (a and b: 32 values, a pair in each 32-bit lane), float32
+ * sums. Without AVX512-BF16: a bfloat16 is the top half of a float32, so shifting the pair's low value
+ * up and masking its high one widens both exactly. */
+static inline __m512 dot_pairs(__m512 acc, __m512i a, __m512i b) {
+#ifdef __AVX512BF16__
+    return _mm512_dpbf16_ps(acc, (__m512bh)a, (__m512bh)b);
+#else
+    const __m512i high = _mm512_set1_epi32((int)0xffff0000u);
+    acc = _mm512_fmadd_ps(_mm512_castsi512_ps(_mm512_slli_epi32(a, 16)), _mm512_castsi512_ps(_mm512_slli_epi32(b, 16)),
+                          acc);
+    return _mm512_fmadd_ps(_mm512_castsi512_ps(_mm512_and_si512(a, high)), _mm512_castsi512_ps(_mm512_and_si512(b, high)),
+                           acc);
+#endif
+}
+
+/* 16 float32 rounded to bfloat16, nearest even, as to_bf16. */
+static inline __m256i to_bf16_x16(__m512 v) {
+#ifdef __AVX512BF16__
+    return (__m256i)_mm512_cvtneps_pbh(v);
+#else
+    __m512i u = _mm512_castps_si512(v);
+    __m512i odd = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
+    __m512i rounded = _mm512_srli_epi32(_mm512_add_epi32(u, _mm512_add_epi32(odd, _mm512_set1_epi32(0x7fff))), 16);
+    rounded = _mm512_mask_mov_epi32(rounded, _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q), _mm512_set1_epi32(0x7fc0));
+    return _mm512_cvtepi32_epi16(rounded);
+#endif
+}
+
 #define MAX_CHUNKS 8 /* head_dim up to 256, in chunks of 32 */
 
 /* One KV head's group of query heads (queries and out: `group` heads of head_dim, consecutive) over
- * the visible keys: dot products with VDPBF16PS (exact bf16 products, float32 sums), each key row
- * loaded once for the whole group. */
+ * the visible keys: dot products of bf16 pairs (exact products, float32 sums), each key row loaded
+ * once for the whole group. */
 static void attend_group(const bf16 *queries, int64_t group, const bf16 *keys, const bf16 *values,
                          const int32_t *visible, int64_t n_visible, int64_t head_dim, float scale, float *scores,
                          int64_t capacity, bf16 *out) {
     int64_t chunks = head_dim / 32;
     for (int64_t i = 0; i < n_visible; i++) {
         const bf16 *key = keys + (int64_t)visible[i] * head_dim;
-        __m512bh k[MAX_CHUNKS];
-        for (int64_t c = 0; c < chunks; c++) k[c] = (__m512bh)_mm512_loadu_si512(key + 32 * c);
+        __m512i k[MAX_CHUNKS];
+        for (int64_t c = 0; c < chunks; c++) k[c] = _mm512_loadu_si512(key + 32 * c);
         for (int64_t g = 0; g < group; g++) {
             const bf16 *query = queries + g * head_dim;
             __m512 acc = _mm512_setzero_ps();
             for (int64_t c = 0; c < chunks; c++)
-                acc = _mm512_dpbf16_ps(acc, (__m512bh)_mm512_loadu_si512(query + 32 * c), k[c]);
+                acc = dot_pairs(acc, _mm512_loadu_si512(query + 32 * c), k[c]);
             scores[g * capacity + i] = _mm512_reduce_add_ps(acc) * scale;
         }
     }
@@ -198,7 +229,7 @@ static void attend_group(const bf16 *queries, int64_t group, const bf16 *keys, c
         for (int64_t d = 0; d < head_dim; d++) out[g * head_dim + d] = to_bf16(row[d]);
     }
 }
-/* Head sizes the AVX512-BF16 path takes; the portable one takes any. */
+/* Head sizes the AVX512 path takes; the portable one takes any. */
 #define FAST_HEAD_DIM(d) ((d) % 32 == 0 && (d) <= 32 * MAX_CHUNKS)
 #endif
 
@@ -280,42 +311,68 @@ void pf_decode_attention(const bf16 *qkv, int64_t row_stride, const bf16 *k_new,
     }
 }
 
-#if defined(__AVX512F__) && defined(__AVX512BF16__)
+#ifdef __AVX512F__
 /* ---- Linear layers: y [rows, n] = x [rows, k] @ W.T, W [n, k] in bfloat16 ----------------------
  *
  * W is stored blocked as [n / 16][k / 2][16][2] (see BlockedWeight in cpu_kernels.py): one 64-byte
- * load holds an input pair for 16 outputs, the operand VDPBF16PS multiplies by a broadcast pair of
- * x. A tile is LINEAR_BLOCKS blocks of 16 outputs by up to LINEAR_ROWS rows: 16 float32
- * accumulators, each broadcast feeding two blocks. On 30 layers of SmolLM2-sized random weights
- * (cold, 16 rows, a 2-core EPYC), 2x8 tiles took 11.6 ms, 1x16 15.7 ms, 4x4 12.1 ms and oneDNN's
- * prepacked matmul 14.8 ms; bench/cpu_linear.py compares the chosen tiles with oneDNN on the
- * demo model. Products are exact and sums float32 in input order, rounded once to bfloat16. */
+ * load holds an input pair for 16 outputs. With AVX512-BF16, VDPBF16PS multiplies it by a broadcast
+ * pair of x; with AVX512F alone, x is widened to float32 once per call (the `wide` scratch) and the
+ * block's even and odd inputs in registers, two FMAs a pair. A tile is LINEAR_BLOCKS blocks of 16
+ * outputs by up to LINEAR_ROWS rows: 16 float32 accumulators, each broadcast feeding two blocks. On
+ * 30 layers of SmolLM2-sized random weights (cold, 16 rows, a 2-core EPYC), 2x8 tiles took 11.6 ms,
+ * 1x16 15.7 ms, 4x4 12.1 ms and oneDNN's prepacked matmul 14.8 ms; bench/cpu_linear.py compares the
+ * chosen tiles with oneDNN on the demo model. Products are exact and sums float32 in input order,
+ * rounded once to bfloat16. */
 enum { LINEAR_BLOCKS = 2, LINEAR_ROWS = 8 };
 
-static inline __attribute__((always_inline)) void linear_tile(const bf16 *x, int64_t x_stride, const bf16 *w,
+#ifdef __AVX512BF16__
+typedef bf16 linear_x; /* x as the tiles read it */
+#define LINEAR_WIDENS 0
+#else
+typedef float linear_x;
+#define LINEAR_WIDENS 1
+#endif
+
+/* Whether pf_linear and pf_decoder_stack use their `wide` scratch (1: built without AVX512-BF16). */
+int pf_linear_widens(void) { return LINEAR_WIDENS; }
+
+static inline __attribute__((always_inline)) void linear_tile(const linear_x *x, int64_t x_stride, const bf16 *w,
                                                              int64_t k, bf16 *y, int64_t y_stride, const int rows) {
     int64_t pairs = k / 2, block_stride = pairs * 32;
     __m512 acc[LINEAR_BLOCKS][LINEAR_ROWS];
     for (int b = 0; b < LINEAR_BLOCKS; b++)
         for (int r = 0; r < rows; r++) acc[b][r] = _mm512_setzero_ps();
     for (int64_t j = 0; j < pairs; j++) {
-        __m512bh wv[LINEAR_BLOCKS];
-        for (int b = 0; b < LINEAR_BLOCKS; b++) wv[b] = (__m512bh)_mm512_loadu_si512(w + b * block_stride + j * 32);
+        __m512i wv[LINEAR_BLOCKS];
+        for (int b = 0; b < LINEAR_BLOCKS; b++) wv[b] = _mm512_loadu_si512(w + b * block_stride + j * 32);
+#if LINEAR_WIDENS
+        const __m512i high = _mm512_set1_epi32((int)0xffff0000u);
+        __m512 even[LINEAR_BLOCKS], odd[LINEAR_BLOCKS];
+        for (int b = 0; b < LINEAR_BLOCKS; b++) {
+            even[b] = _mm512_castsi512_ps(_mm512_slli_epi32(wv[b], 16));
+            odd[b] = _mm512_castsi512_ps(_mm512_and_si512(wv[b], high));
+        }
+        for (int r = 0; r < rows; r++) {
+            __m512 x_even = _mm512_set1_ps(x[r * x_stride + 2 * j]), x_odd = _mm512_set1_ps(x[r * x_stride + 2 * j + 1]);
+            for (int b = 0; b < LINEAR_BLOCKS; b++)
+                acc[b][r] = _mm512_fmadd_ps(x_odd, odd[b], _mm512_fmadd_ps(x_even, even[b], acc[b][r]));
+        }
+#else
         for (int r = 0; r < rows; r++) {
             int32_t pair;
             memcpy(&pair, x + r * x_stride + 2 * j, sizeof pair);
-            __m512bh xb = (__m512bh)_mm512_set1_epi32(pair);
-            for (int b = 0; b < LINEAR_BLOCKS; b++) acc[b][r] = _mm512_dpbf16_ps(acc[b][r], xb, wv[b]);
+            __m512i xb = _mm512_set1_epi32(pair);
+            for (int b = 0; b < LINEAR_BLOCKS; b++) acc[b][r] = dot_pairs(acc[b][r], xb, wv[b]);
         }
+#endif
     }
     for (int b = 0; b < LINEAR_BLOCKS; b++)
-        for (int r = 0; r < rows; r++)
-            _mm256_storeu_si256((__m256i *)(y + r * y_stride + b * 16), (__m256i)_mm512_cvtneps_pbh(acc[b][r]));
+        for (int r = 0; r < rows; r++) _mm256_storeu_si256((__m256i *)(y + r * y_stride + b * 16), to_bf16_x16(acc[b][r]));
 }
 
 /* The tile with its row count a constant, so that its accumulators stay in registers. */
-static void linear_tile_rows(const bf16 *x, int64_t x_stride, const bf16 *w, int64_t k, bf16 *y, int64_t y_stride,
-                             int rows) {
+static void linear_tile_rows(const linear_x *x, int64_t x_stride, const bf16 *w, int64_t k, bf16 *y,
+                             int64_t y_stride, int rows) {
     switch (rows) {
 #define LINEAR_TILE_CASE(R) \
     case R: linear_tile(x, x_stride, w, k, y, y_stride, R); break;
@@ -325,24 +382,35 @@ static void linear_tile_rows(const bf16 *x, int64_t x_stride, const bf16 *w, int
     }
 }
 
-/* n a multiple of 16 * LINEAR_BLOCKS, k even. Each thread takes a run of output blocks and all rows,
- * so its slice of W is read from memory once. */
+/* n a multiple of 16 * LINEAR_BLOCKS, k even; wide: rows * k floats where pf_linear_widens() (else
+ * unused, may be NULL). Each thread takes a run of output blocks and all rows, so its slice of W is
+ * read from memory once. */
 void pf_linear(const bf16 *x, int64_t x_stride, int64_t rows, int64_t k, const bf16 *w, int64_t n, bf16 *y,
-               int64_t n_threads) {
+               float *wide, int64_t n_threads) {
     int64_t groups = n / (16 * LINEAR_BLOCKS);
+#if LINEAR_WIDENS
+#pragma omp parallel for num_threads(n_threads) if (rows >= PARALLEL_ROWS)
+    for (int64_t r = 0; r < rows; r++)
+        for (int64_t d = 0; d < k; d++) wide[r * k + d] = to_f32(x[r * x_stride + d]);
+    const linear_x *xs = wide;
+    x_stride = k;
+#else
+    (void)wide;
+    const linear_x *xs = x;
+#endif
 #pragma omp parallel for num_threads(n_threads) schedule(static)
     for (int64_t g = 0; g < groups; g++) {
         const bf16 *w_group = w + g * LINEAR_BLOCKS * (k / 2) * 32;
         for (int64_t r0 = 0; r0 < rows; r0 += LINEAR_ROWS) {
             int tile_rows = rows - r0 < LINEAR_ROWS ? (int)(rows - r0) : LINEAR_ROWS;
-            linear_tile_rows(x + r0 * x_stride, x_stride, w_group, k, y + r0 * n + g * 16 * LINEAR_BLOCKS, n,
+            linear_tile_rows(xs + r0 * x_stride, x_stride, w_group, k, y + r0 * n + g * 16 * LINEAR_BLOCKS, n,
                              tile_rows);
         }
     }
 }
 #endif
 
-#if defined(__AVX512F__) && defined(__AVX512BF16__)
+#ifdef __AVX512F__
 /* ---- A whole stack of dense decoder layers in one call ------------------------------------------
  *
  * The per-op path calls the kernels above 9 times a layer from Python: at 30 layers that is about
@@ -357,12 +425,13 @@ typedef struct {
 /* h [n, dim]: the residual stream, updated in place; normed [n, dim]: the first layer's attention norm
  * of h on entry, next_norm(h) of the last layer on return. Every token is a kernel token
  * (pf_decode_attention's rows / slots / query_pos). kv: the cache [layers][2][slots][KV][capacity][D].
- * work: n * (qkv + heads + dim + 3 * hidden) bf16 values; scratch as for pf_decode_attention. */
+ * work: n * (qkv + heads + dim + 3 * hidden) bf16 values; scratch as for pf_decode_attention; wide as
+ * for pf_linear, n * max(dim, heads, hidden) floats. */
 void pf_decoder_stack(const pf_layer *layers, int64_t n_layers, int64_t n, int64_t dim, int64_t n_heads,
                       int64_t n_kv_heads, int64_t head_dim, int64_t hidden, bf16 *h, bf16 *normed, const bf16 *cos,
                       const bf16 *sin, bf16 *kv, const int64_t *positions, const int64_t *rows,
                       const int64_t *slots, const int64_t *query_pos, int64_t n_slots, int64_t capacity,
-                      int64_t window, float scale, bf16 *work, float *scratch, int64_t n_threads) {
+                      int64_t window, float scale, bf16 *work, float *scratch, float *wide, int64_t n_threads) {
     int64_t qkv_width = (n_heads + 2 * n_kv_heads) * head_dim, heads_width = n_heads * head_dim;
     int64_t cache_kind = n_slots * n_kv_heads * capacity * head_dim;
     bf16 *qkv = work, *attended = qkv + n * qkv_width, *delta = attended + n * heads_width;
@@ -370,16 +439,16 @@ void pf_decoder_stack(const pf_layer *layers, int64_t n_layers, int64_t n, int64
     for (int64_t i = 0; i < n_layers; i++) {
         const pf_layer *layer = layers + i;
         bf16 *keys = kv + 2 * i * cache_kind, *values = keys + cache_kind;
-        pf_linear(normed, dim, n, dim, layer->wqkv, qkv_width, qkv, n_threads);
+        pf_linear(normed, dim, n, dim, layer->wqkv, qkv_width, qkv, wide, n_threads);
         pf_rotary(qkv, qkv_width, n, n_heads + n_kv_heads, head_dim, cos, sin);
         pf_decode_attention(qkv, qkv_width, qkv + heads_width, qkv + heads_width + n_kv_heads * head_dim, rows, keys,
                             values, positions, slots, query_pos, n, n_heads, n_kv_heads, head_dim, capacity, window,
                             scale, attended, n_threads, scratch);
-        pf_linear(attended, heads_width, n, heads_width, layer->wo, dim, delta, n_threads);
+        pf_linear(attended, heads_width, n, heads_width, layer->wo, dim, delta, wide, n_threads);
         pf_add_rms_norm(h, delta, layer->ffn_norm, normed, n, dim, layer->ffn_eps, n_threads);
-        pf_linear(normed, dim, n, dim, layer->w13, 2 * hidden, gate_up, n_threads);
+        pf_linear(normed, dim, n, dim, layer->w13, 2 * hidden, gate_up, wide, n_threads);
         pf_silu_mul(gate_up, act, n, hidden, n_threads);
-        pf_linear(act, hidden, n, hidden, layer->w2, dim, delta, n_threads);
+        pf_linear(act, hidden, n, hidden, layer->w2, dim, delta, wide, n_threads);
         pf_add_rms_norm(h, delta, layer->next_norm, normed, n, dim, layer->next_eps, n_threads);
     }
 }

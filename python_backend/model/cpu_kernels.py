@@ -1,4 +1,4 @@
-"""Fused bfloat16 CPU kernels for the batched step, and its linear layers where the CPU has AVX512-BF16
+"""Fused bfloat16 CPU kernels for the batched step, and its linear layers where the CPU has AVX512F
 (cpu_kernels.c), loaded through ctypes. There, a whole stack of dense layers also runs in one call
 (DecoderStack).
 
@@ -39,9 +39,9 @@ _SIGNATURES = {
     "pf_silu_mul": [_ptr, _ptr, _i64, _i64, _i64],
     "pf_decode_attention": [_ptr, _i64, _ptr, _ptr, *[_ptr] * 6, *[_i64] * 6, _f32, _ptr, _i64, _ptr],
 }
-# Built only where the CPU has AVX512-BF16; elsewhere the linear layers stay with oneDNN or torch.
-_LINEAR_SIGNATURE = ("pf_linear", [_ptr, _i64, _i64, _i64, _ptr, _i64, _ptr, _i64])
-_STACK_SIGNATURE = ("pf_decoder_stack", [_ptr, *[_i64] * 7, *[_ptr] * 9, *[_i64] * 3, _f32, _ptr, _ptr, _i64])
+# Built only where the CPU has AVX512F; elsewhere the linear layers stay with oneDNN or torch.
+_LINEAR_SIGNATURE = ("pf_linear", [_ptr, _i64, _i64, _i64, _ptr, _i64, _ptr, _ptr, _i64])
+_STACK_SIGNATURE = ("pf_decoder_stack", [_ptr, *[_i64] * 7, *[_ptr] * 9, *[_i64] * 3, _f32, _ptr, _ptr, _ptr, _i64])
 # Output blocks of 16, taken two at a time (cpu_kernels.c), and input pairs.
 LINEAR_OUT_MULTIPLE, LINEAR_IN_MULTIPLE = 32, 2
 
@@ -77,31 +77,37 @@ class BlockedWeight(RepackedWeight):
     """A bfloat16 weight [out, in] in pf_linear's layout, [out / 16][in / 2][16][2]: each 64-byte row
     of it is an input pair for 16 outputs."""
 
-    def __init__(self, weight: torch.Tensor, linear):
+    def __init__(self, weight: torch.Tensor, linear, widens: bool):
         super().__init__(weight)
         out_features, in_features = weight.shape
         self.out_features, self.in_features = out_features, in_features
         self.blocked = (
             weight.detach().view(out_features // 16, 16, in_features // 2, 2).permute(0, 2, 1, 3).contiguous()
         )
-        self._linear = linear
+        self._linear, self._widens = linear, widens
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         if x.stride(-1) != 1:
             x = x.contiguous()
         out = x.new_empty(x.shape[0], self.out_features)
         if x.shape[0]:
+            wide = _wide_scratch(self._widens, x.shape[0] * self.in_features)
             self._linear(x.data_ptr(), x.stride(0), x.shape[0], self.in_features, self.blocked.data_ptr(),
-                         self.out_features, out.data_ptr(), torch.get_num_threads())
+                         self.out_features, out.data_ptr(), wide.data_ptr(), torch.get_num_threads())
         return out
 
 
 def _optional_function(library: ctypes.CDLL, name: str, argtypes: list):
-    """A function the library has only where the CPU has AVX512-BF16; None elsewhere."""
+    """A function the library has only where the CPU has AVX512F; None elsewhere."""
     function = getattr(library, name, None)
     if function is not None:
         function.argtypes, function.restype = argtypes, None
     return function
+
+
+def _wide_scratch(widens: bool, floats: int) -> torch.Tensor:
+    """x widened to float32 for pf_linear, where it is built without AVX512-BF16 (empty elsewhere)."""
+    return torch.empty(floats if widens else 0, dtype=torch.float32)
 
 
 def _attention_scratch(n_heads: int, n_kv_heads: int, capacity: int, threads: int) -> torch.Tensor:
@@ -137,8 +143,8 @@ class DecoderStack:
     they are all still there."""
 
     def __init__(self, function, layers: list[StackLayer], n_heads: int, n_kv_heads: int, head_dim: int,
-                 watched: list[tuple[dict, str]]):
-        self._function = function
+                 watched: list[tuple[dict, str]], widens: bool):
+        self._function, self._widens = function, widens
         self.layers = layers
         self.n_heads, self.n_kv_heads, self.head_dim = n_heads, n_kv_heads, head_dim
         self.dim = layers[0].wqkv.in_features
@@ -169,11 +175,13 @@ class DecoderStack:
         work = h.new_empty(n * (qkv_width + self.n_heads * self.head_dim + self.dim + 3 * self.hidden))
         threads, capacity = torch.get_num_threads(), kv.shape[4]
         scratch = _attention_scratch(self.n_heads, self.n_kv_heads, capacity, threads)
+        wide = _wide_scratch(self._widens, n * max(self.dim, self.n_heads * self.head_dim, self.hidden))
         self._function(
             ctypes.addressof(self._structs), len(self.layers), n, self.dim, self.n_heads, self.n_kv_heads,
             self.head_dim, self.hidden, h.data_ptr(), normed.data_ptr(), cos.data_ptr(), sin.data_ptr(),
             kv.data_ptr(), positions.data_ptr(), rows.data_ptr(), slots.data_ptr(), query_pos.data_ptr(),
-            kv.shape[2], capacity, window or 0, self.head_dim**-0.5, work.data_ptr(), scratch.data_ptr(), threads,
+            kv.shape[2], capacity, window or 0, self.head_dim**-0.5, work.data_ptr(), scratch.data_ptr(), wide.data_ptr(),
+            threads,
         )
 
 
@@ -187,28 +195,33 @@ class CpuKernels:
         self._lib = library
         self._linear = _optional_function(library, *_LINEAR_SIGNATURE)
         self._stack = _optional_function(library, *_STACK_SIGNATURE)
+        widens = getattr(library, "pf_linear_widens", None)
+        if widens is not None:
+            widens.argtypes, widens.restype = [], ctypes.c_int
+        # Built without AVX512-BF16, the linear kernel widens x to float32 in a scratch buffer.
+        self._widens = bool(widens is not None and widens())
 
     @property
     def has_linear(self) -> bool:
-        """Whether the library has the linear kernel (built where the CPU has AVX512-BF16)."""
+        """Whether the library has the linear kernel (built where the CPU has AVX512F)."""
         return self._linear is not None
 
     def blocked_weight(self, weight: torch.Tensor) -> BlockedWeight | None:
-        """``weight`` [out, in] for the linear kernel; None where that does not run it (no AVX512-BF16,
+        """``weight`` [out, in] for the linear kernel; None where that does not run it (no AVX512F,
         not bfloat16, or sizes that are not multiples of its blocks)."""
         if not self.has_linear or weight.dtype != torch.bfloat16 or weight.dim() != 2 or weight.device.type != "cpu":
             return None
         out_features, in_features = weight.shape
         if out_features % LINEAR_OUT_MULTIPLE or in_features % LINEAR_IN_MULTIPLE:
             return None
-        return BlockedWeight(weight, self._linear)
+        return BlockedWeight(weight, self._linear, self._widens)
 
     def decoder_stack(self, layers: list[StackLayer], n_heads: int, n_kv_heads: int, head_dim: int,
                       watched: list[tuple[dict, str]]) -> DecoderStack | None:
         """The layers as one DecoderStack (see there); None where the library has no linear kernel."""
         if self._stack is None or not layers:
             return None
-        return DecoderStack(self._stack, layers, n_heads, n_kv_heads, head_dim, watched)
+        return DecoderStack(self._stack, layers, n_heads, n_kv_heads, head_dim, watched, self._widens)
 
     def rms_norm(self, x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
         out = torch.empty_like(x)
