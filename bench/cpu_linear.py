@@ -6,7 +6,9 @@
 Both run the demo model's own weights: every dense layer's fused q/k/v, output, fused gate/up and
 down projections in turn (as a step does, so the weights come from memory, not from cache), then
 the output projection. The baseline is oneDNN's prepacked matmul, the path the model takes
-without the kernel. For each row count it prints the median of the runs, alternated, and the ratio.
+without the kernel: in bfloat16 where the CPU multiplies it natively (AVX512-BF16, AMX), in float32
+elsewhere (where dtype auto would pick float32 without the kernel, torch's bf16 matmuls being slower
+there). For each row count it prints the median of the runs, alternated, and the ratio.
 Needs a CPU with AVX512F (where the kernel is built).
 """
 from __future__ import annotations
@@ -24,7 +26,7 @@ from plateforme.python_backend.model import cpu_kernels, load_model
 from plateforme.python_backend.model.packing import PackedWeight
 
 # bench/results.py: bench/ is on sys.path when this file runs as a script.
-from results import RESULTS, record
+from results import RESULTS, cpu_facts, native_bf16, record
 
 SECTION = "## bfloat16 linear kernel on CPU (bench/cpu_linear.py)"
 ROWS = (1, 4, 16, 64, 256)
@@ -60,22 +62,26 @@ def main() -> int:
     model_dir = prepare_assets(names=["smollm2-mistral"], progress=False)["smollm2-mistral"]
     model = load_model(model_dir, dtype=torch.bfloat16)
     weights, output = layer_weights(model)
+    base_dtype = torch.bfloat16 if native_bf16() else torch.float32
     paths = {
-        "oneDNN": ([PackedWeight(w) for w in weights], PackedWeight(output)),
+        "oneDNN": ([PackedWeight(w.to(base_dtype)) for w in weights], PackedWeight(output.to(base_dtype))),
         "kernel": ([kernels.blocked_weight(w) for w in weights], kernels.blocked_weight(output)),
     }
     if any(w is None for w in paths["kernel"][0]) or paths["kernel"][1] is None:
         print("some weight shape is not a multiple of the kernel's blocks", file=sys.stderr)
         return 1
     threads = torch.get_num_threads()
+    cpu_model, flags = cpu_facts()
+    base_name = str(base_dtype).removeprefix("torch.")
     lines = [
         f"- command: `python bench/cpu_linear.py{' --record' if args.record else ''}`; {threads} torch threads, "
         f"torch {torch.__version__}",
+        f"- machine: {cpu_model} ({flags}); oneDNN runs {base_name} (the model's path without the kernel here)",
         f"- weights: {len(weights)} linears of {model.args.n_layers} layers "
         f"({sum(w.numel() for w in weights) * 2 / 2**20:.0f} MiB) and the output projection "
         f"({output.numel() * 2 / 2**20:.0f} MiB), bfloat16; median of {args.repeats} alternated runs",
         "",
-        "| rows | layers: oneDNN | layers: kernel | ratio | output proj.: oneDNN | kernel | ratio |",
+        f"| rows | layers: oneDNN {base_name} | layers: kernel | ratio | output proj.: oneDNN | kernel | ratio |",
         "|---|---|---|---|---|---|---|",
     ]
     print("\n".join(lines), flush=True)
@@ -84,12 +90,14 @@ def main() -> int:
         for rows in ROWS:
             inputs = [torch.randn(rows, w.shape[1], generator=generator).to(torch.bfloat16) for w in weights]
             head_input = torch.randn(rows, output.shape[1], generator=generator).to(torch.bfloat16)
+            dtypes = {"oneDNN": base_dtype, "kernel": torch.bfloat16}
+            typed = {name: ([x.to(dtype) for x in inputs], head_input.to(dtype)) for name, dtype in dtypes.items()}
             times = {name: ([], []) for name in paths}
             for name, (linears, head) in paths.items():  # warm-up
-                time_pass(linears, head, inputs, head_input)
+                time_pass(linears, head, *typed[name])
             for _ in range(args.repeats):
                 for name, (linears, head) in paths.items():
-                    layers_s, head_s = time_pass(linears, head, inputs, head_input)
+                    layers_s, head_s = time_pass(linears, head, *typed[name])
                     times[name][0].append(layers_s)
                     times[name][1].append(head_s)
             (base_layers, base_head), (ours_layers, ours_head) = (

@@ -55,7 +55,7 @@ from plateforme.python_backend.tokenization import Tokenizer, load_tokenizer
 from plateforme.server import ServerConfig, TritonServer, free_port
 
 # bench/results.py: bench/ is on sys.path when this file runs as a script.
-from results import RESULTS, record
+from results import RESULTS, cpu_facts, native_bf16, record
 
 ENDPOINT = "mistral-tiny"
 MAX_BATCH_SIZE = 16
@@ -324,20 +324,6 @@ def common_prefix(a: str, b: str) -> int:
     while n < min(len(a), len(b)) and a[n] == b[n]:
         n += 1
     return n
-
-
-def native_bf16() -> bool:
-    """Whether this CPU multiplies bfloat16 natively (torch's bf16 matmuls run fast here)."""
-    return bool({"avx512_bf16", "amx_bf16"} & set(Path("/proc/cpuinfo").read_text().split()))
-
-
-def cpu_facts() -> tuple[str, str]:
-    text = Path("/proc/cpuinfo").read_text()
-    model = next((line.split(":", 1)[1].strip() for line in text.splitlines() if line.startswith("model name")),
-                 platform.processor())
-    flags = set(next((line.split(":", 1)[1] for line in text.splitlines() if line.startswith("flags")), "").split())
-    shown = ", ".join(f"{f} {'yes' if f in flags else 'no'}" for f in ("avx2", "avx512f", "avx512_bf16", "amx_bf16"))
-    return model, shown
 
 
 def main() -> int:
