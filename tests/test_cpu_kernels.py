@@ -281,3 +281,21 @@ def test_switched_off_the_model_runs_its_torch_ops(monkeypatch, tiny_mistral_dir
         assert out.shape == (1, model.args.vocab_size) and out.isfinite().all()
     finally:
         cpu_kernels.load.cache_clear()
+
+
+def test_mixtral_experts_run_on_the_linear_kernel_and_match_their_torch_matmuls(linear_kernels, tiny_mixtral_dir):
+    """On CPU each expert's gate/up is fused and, in bfloat16, blocked for the linear kernel (half the
+    bytes of float32, where torch's bf16 matmuls may be slow): the MoE layer's output is that of the
+    experts' plain torch matmuls, to bf16 precision."""
+    model = load_model(tiny_mixtral_dir, dtype=BF16)
+    moe = model.layers[0].feed_forward
+    assert all(expert.fused_weight_current() for expert in moe.experts)
+    assert {type(w).__name__ for expert in moe.experts for w in expert.packed.values()} == {"BlockedWeight"}
+    x = randn(24, model.args.dim, seed=8)
+    with torch.inference_mode():
+        on_kernel = moe(x, linear_kernels)
+        for expert in moe.experts:
+            expert.packed.clear()
+        with_torch = moe(x)
+    assert not on_kernel.isnan().any()
+    torch.testing.assert_close(on_kernel, with_torch, atol=0.02 * with_torch.abs().max().item(), rtol=0)

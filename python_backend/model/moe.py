@@ -4,12 +4,16 @@ from __future__ import annotations
 import functools
 import importlib.util
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from .args import MoeArgs
+
+if TYPE_CHECKING:
+    from .cpu_kernels import CpuKernels
 
 
 class MoeLayer(nn.Module):
@@ -23,9 +27,9 @@ class MoeLayer(nn.Module):
         self.args = args
         self._fused_weights: tuple[torch.Tensor, torch.Tensor] | None = None
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, kernels: CpuKernels | None = None) -> torch.Tensor:
         """``x`` [T, dim]: each token goes through its top-k experts, weighted by the renormalised
-        router probabilities."""
+        router probabilities. ``kernels``: the CPU kernels, for the experts' SwiGLU."""
         if x.is_cuda and self.use_fused_kernel and _fused_moe_available():
             return self._fused_forward(x)
         k = self.args.num_experts_per_tok
@@ -45,7 +49,7 @@ class MoeLayer(nn.Module):
         for expert, count in zip(self.experts, counts):
             if count:
                 idx = tokens[start : start + count]
-                y = expert(x.index_select(0, idx))
+                y = expert(x.index_select(0, idx), kernels)
                 out.index_add_(0, idx, (y * weights[start : start + count, None]).to(x.dtype))
                 start += count
         return out

@@ -117,10 +117,7 @@ class TransformerBlock(nn.Module):
         norm): each residual add is fused with the norm that follows it."""
         attended = self.attention.forward_batch(normed, cos, sin, plan, layer, kernels)
         normed = kernels.add_rms_norm(h, attended, self.ffn_norm.weight, self.ffn_norm.eps)
-        if isinstance(self.feed_forward, FeedForward):
-            out = self.feed_forward(normed, kernels)
-        else:
-            out = self.feed_forward(normed)
+        out = self.feed_forward(normed, kernels)
         return kernels.add_rms_norm(h, out, next_norm.weight, next_norm.eps)
 
 
@@ -194,17 +191,25 @@ class Transformer(nn.Module):
         return self.logits(self.norm(h.index_select(0, plan.last_rows)))
 
     def fuse_projections(self) -> None:
-        """Fused q/k/v and gate/up weights (dense layers; MoE experts have their own layout)."""
+        """Fused q/k/v and gate/up weights: dense layers, and MoE experts on CPU, where each runs over
+        its tokens like a dense layer (on CUDA the fused MoE kernel has its own layout)."""
         for layer in self.layers:
             layer.attention.fuse()
-            if isinstance(layer.feed_forward, FeedForward):
-                layer.feed_forward.fuse()
+            for ffn in self._fusable_feed_forwards(layer):
+                ffn.fuse()
+
+    def _fusable_feed_forwards(self, layer: TransformerBlock) -> list[FeedForward]:
+        ffn = layer.feed_forward
+        if isinstance(ffn, FeedForward):
+            return [ffn]
+        return list(ffn.experts) if self.device.type == "cpu" else []
 
     def pack_weights(self) -> bool:
         """Repacked copies of the dense layers' weights and of the output projection, on CPU in float32,
         or bfloat16 where it is native: for the CPU kernels' linear (cpu_kernels.py) where they have
-        it, for oneDNN (packing.py) otherwise. False (nothing done) elsewhere. MoE experts keep
-        their own path. After use_cpu_kernels(), so that the kernels' layout is used."""
+        it, for oneDNN (packing.py) otherwise. False (nothing done) elsewhere. MoE experts only for
+        the linear kernel (a dtype it halves the bytes of; oneDNN's float32 copy would double the
+        experts' memory for little). After use_cpu_kernels(), so that the kernels' layout is used."""
         if not packing_available(self.dtype, self.device):
             return False
         kernels = self.cpu_kernels
@@ -217,6 +222,9 @@ class Transformer(nn.Module):
             layer.attention.pack(repack)
             if isinstance(layer.feed_forward, FeedForward):
                 layer.feed_forward.pack(repack)
+            elif kernels is not None and kernels.has_linear:
+                for expert in self._fusable_feed_forwards(layer):
+                    expert.pack(kernels.blocked_weight)
         self.packed_output = repack(self.output.weight)
         self.decoder_stack = self._build_decoder_stack()
         return True
