@@ -1,10 +1,13 @@
 """The fused bfloat16 CPU kernels against the torch ops they replace, alone and inside the model."""
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 import torch.nn.functional as F
 
+from plateforme.python_backend.engine import resolve_dtype
 from plateforme.python_backend.model import Segment, cpu_kernels, load_model
 from plateforme.python_backend.model.batch import decode_attention
 from plateforme.python_backend.model.rope import apply_rotary, rope_cos_sin
@@ -279,8 +282,15 @@ def test_switched_off_the_model_runs_its_torch_ops(monkeypatch, tiny_mistral_dir
         with torch.inference_mode():
             out = model.forward_batch(torch.tensor([5, 6, 7]), [Segment(cache.allocate(), 0, 3)], cache)
         assert out.shape == (1, model.args.vocab_size) and out.isfinite().all()
+        # dtype auto: bfloat16 without the kernels only where the CPU multiplies it natively.
+        native = bool({"avx512_bf16", "amx_bf16"} & set(Path("/proc/cpuinfo").read_text().split()))
+        assert resolve_dtype("auto") == (BF16 if native else torch.float32)
     finally:
         cpu_kernels.load.cache_clear()
+
+
+def test_dtype_auto_is_bfloat16_where_the_linear_kernel_runs(linear_kernels):
+    assert resolve_dtype("auto") == BF16
 
 
 def test_mixtral_experts_run_on_the_linear_kernel_and_match_their_torch_matmuls(linear_kernels, tiny_mixtral_dir):
