@@ -2,6 +2,7 @@
 
     python bench/cpu_linear.py             # SmolLM2-135M's linears (the demo model), 1..256 rows
     python bench/cpu_linear.py --record    # and append the figures to bench/RESULTS.md
+    ONEDNN_MAX_CPU_ISA=AVX2 python bench/cpu_linear.py --march x86-64-v3   # as on an AVX2 CPU
 
 Both run the demo model's own weights: every dense layer's fused q/k/v, output, fused gate/up and
 down projections in turn (as a step does, so the weights come from memory, not from cache), then
@@ -14,6 +15,8 @@ Needs a CPU with AVX512F (where the kernel is built).
 from __future__ import annotations
 
 import argparse
+import os
+import shlex
 import datetime
 import statistics
 import sys
@@ -53,11 +56,13 @@ def time_pass(linears, head, inputs, head_input) -> tuple[float, float]:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--repeats", type=int, default=7, help="alternated runs per row count (median)")
+    parser.add_argument("--march", default="native",
+                        help="build the kernels for this instruction set (cc -march), e.g. x86-64-v3 for AVX2")
     parser.add_argument("--record", action="store_true", help="append the figures to bench/RESULTS.md")
     args = parser.parse_args()
-    kernels = cpu_kernels.load()
-    if kernels is None or not kernels.has_linear:
-        print("the linear kernel is built only on CPUs with AVX512F, with a C compiler", file=sys.stderr)
+    kernels = cpu_kernels.build(args.march)
+    if not kernels.has_linear:
+        print(f"the linear kernel is built only for AVX512F or AVX2 (-march={args.march})", file=sys.stderr)
         return 1
     model_dir = prepare_assets(names=["smollm2-mistral"], progress=False)["smollm2-mistral"]
     model = load_model(model_dir, dtype=torch.bfloat16)
@@ -74,9 +79,11 @@ def main() -> int:
     cpu_model, flags = cpu_facts()
     base_name = str(base_dtype).removeprefix("torch.")
     lines = [
-        f"- command: `python bench/cpu_linear.py{' --record' if args.record else ''}`; {threads} torch threads, "
+        f"- command: `{shlex.join(['python', 'bench/cpu_linear.py', *sys.argv[1:]])}`; {threads} torch threads, "
         f"torch {torch.__version__}",
-        f"- machine: {cpu_model} ({flags}); oneDNN runs {base_name} (the model's path without the kernel here)",
+        f"- machine: {cpu_model} ({flags}); oneDNN runs {base_name} (the model's path without the kernel here)"
+        f"{', limited to ' + os.environ['ONEDNN_MAX_CPU_ISA'] if os.environ.get('ONEDNN_MAX_CPU_ISA') else ''}; "
+        f"kernels built with -march={args.march}",
         f"- weights: {len(weights)} linears of {model.args.n_layers} layers "
         f"({sum(w.numel() for w in weights) * 2 / 2**20:.0f} MiB) and the output projection "
         f"({output.numel() * 2 / 2**20:.0f} MiB), bfloat16; median of {args.repeats} alternated runs",

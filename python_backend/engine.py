@@ -51,6 +51,7 @@ def resolve_dtype(name: str, device: str | torch.device = "cpu") -> torch.dtype:
         flags = set()
     if flags & {"avx512_bf16", "amx_bf16"}:
         return torch.bfloat16
+    # With AVX2 alone the kernels' bf16 linears win at decode but lose at prefill (measured): float32.
     kernels = cpu_kernels.load() if "avx512f" in flags else None
     return torch.bfloat16 if kernels is not None and kernels.has_linear else torch.float32
 

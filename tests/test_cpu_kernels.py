@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from plateforme.python_backend.engine import resolve_dtype
-from plateforme.python_backend.model import Segment, cpu_kernels, load_model
+from plateforme.python_backend.model import Segment, cpu_kernels, load_model, transformer
 from plateforme.python_backend.model.batch import decode_attention
 from plateforme.python_backend.model.rope import apply_rotary, rope_cos_sin
 from plateforme.python_backend.model.transformer import RMSNorm
@@ -101,11 +101,25 @@ def test_decode_attention_writes_the_cache_and_matches_the_reference(kernels, he
     assert not out.isnan().any()  # never-written (NaN) entries were not read
 
 
+CPU_FLAGS = set(Path("/proc/cpuinfo").read_text().split()) if Path("/proc/cpuinfo").exists() else set()
+
+
 @pytest.fixture(scope="module")
-def linear_kernels(kernels):
-    if not kernels.has_linear:
-        pytest.skip("the linear kernel is built only where the CPU has AVX512F")
-    return kernels
+def avx2_kernels():
+    """The library as built for an AVX2 CPU (x86-64-v3), where this one has AVX512F and so runs another."""
+    if not {"avx2", "fma", "avx512f"} <= CPU_FLAGS:
+        pytest.skip("this CPU's own build is its AVX2 build, or it has no AVX2")
+    return cpu_kernels.build("x86-64-v3")
+
+
+@pytest.fixture(params=["native", "avx2"])
+def linear_kernels(request, kernels, monkeypatch):
+    """This CPU's build, and the AVX2 one where that differs: the models loaded meanwhile use it."""
+    built = kernels if request.param == "native" else request.getfixturevalue("avx2_kernels")
+    if not built.has_linear:
+        pytest.skip("the linear kernel is built only where the CPU has AVX512F or AVX2")
+    monkeypatch.setattr(cpu_kernels, "load", lambda: built)
+    return built
 
 
 @pytest.mark.parametrize("rows", [0, 1, 7, 8, 9, 16, 17, 40])  # tiles of 8 rows, and their remainders
@@ -242,7 +256,7 @@ def _decode_steps(model, prompts, steps, use_stack: bool) -> tuple[list[torch.Te
 def test_decoder_stack_gives_the_per_layer_kernels_logits_bit_for_bit(linear_kernels, tiny_mistral_dir):
     """One kernel call for all layers runs the same kernels in the same order as the per-layer calls."""
     model = load_model(tiny_mistral_dir, dtype=BF16)
-    assert model.decoder_stack is not None
+    assert model.decoder_stack is not None and model.cpu_kernels is linear_kernels
     prompts = [list(range(5, 14)), [40, 41, 42]]  # within the window: every token is a kernel token
     with torch.inference_mode():
         stacked, stack_steps = _decode_steps(model, prompts, 6, use_stack=True)
@@ -283,13 +297,15 @@ def test_switched_off_the_model_runs_its_torch_ops(monkeypatch, tiny_mistral_dir
             out = model.forward_batch(torch.tensor([5, 6, 7]), [Segment(cache.allocate(), 0, 3)], cache)
         assert out.shape == (1, model.args.vocab_size) and out.isfinite().all()
         # dtype auto: bfloat16 without the kernels only where the CPU multiplies it natively.
-        native = bool({"avx512_bf16", "amx_bf16"} & set(Path("/proc/cpuinfo").read_text().split()))
+        native = bool({"avx512_bf16", "amx_bf16"} & CPU_FLAGS)
         assert resolve_dtype("auto") == (BF16 if native else torch.float32)
     finally:
         cpu_kernels.load.cache_clear()
 
 
-def test_dtype_auto_is_bfloat16_where_the_linear_kernel_runs(linear_kernels):
+def test_dtype_auto_is_bfloat16_where_the_linear_kernel_runs_on_avx512(kernels):
+    if not (kernels.has_linear and "avx512f" in CPU_FLAGS):
+        pytest.skip("auto picks bfloat16 for the kernels only on AVX512F CPUs")
     assert resolve_dtype("auto") == BF16
 
 
@@ -309,3 +325,10 @@ def test_mixtral_experts_run_on_the_linear_kernel_and_match_their_torch_matmuls(
         with_torch = moe(x)
     assert not on_kernel.isnan().any()
     torch.testing.assert_close(on_kernel, with_torch, atol=0.02 * with_torch.abs().max().item(), rtol=0)
+
+
+def test_without_onednn_bfloat16_the_linears_still_run_on_the_kernel(linear_kernels, tiny_mistral_dir, monkeypatch):
+    """An AVX2 CPU has the kernel's linear but not oneDNN's bfloat16: the weights are blocked all the same."""
+    monkeypatch.setattr(transformer, "packing_available", lambda dtype, device: False)
+    model = load_model(tiny_mistral_dir, dtype=BF16)
+    assert model.decoder_stack is not None and isinstance(model.packed_output, cpu_kernels.BlockedWeight)

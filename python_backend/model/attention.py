@@ -10,7 +10,7 @@ from torch import nn
 from .batch import BatchPlan, batched_attention
 from .cache import KVCache
 from .cpu_kernels import CpuKernels
-from .packing import RepackedWeight, linear
+from .packing import RepackedWeight, linear, pack_into
 from .rope import apply_rotary
 
 
@@ -60,11 +60,10 @@ class Attention(nn.Module):
         self.wq.weight.data, self.wk.weight.data, self.wv.weight.data = fused[:q], fused[q : q + kv], fused[q + kv :]
         self.wqkv = fused
 
-    def pack(self, repack: Callable[[torch.Tensor], RepackedWeight]) -> None:
-        """Repacked copies (see Transformer.pack_weights) of the fused q/k/v weight and of wo."""
-        if self.wqkv is not None:
-            self.packed["wqkv"] = repack(self.wqkv)
-        self.packed["wo"] = repack(self.wo.weight)
+    def pack(self, repack: Callable[[torch.Tensor], RepackedWeight | None]) -> None:
+        """Repacked copies (see Transformer.pack_weights) of the fused q/k/v weight and of wo, where
+        ``repack`` makes one."""
+        pack_into(self.packed, {"wqkv": self.wqkv, "wo": self.wo.weight}, repack)
 
     def _out(self, attended: torch.Tensor) -> torch.Tensor:
         return linear(attended, self.wo.weight, self.packed.get("wo"))

@@ -4,15 +4,15 @@
  * their size: each torch op costs microseconds of dispatch for a few thousand elements. These
  * kernels do in one call what takes the eager model 5-15 ops (RMSNorm, residual add + RMSNorm,
  * rotary, SwiGLU, and the cache write + attention of decode tokens and of prompt tokens in fresh
- * entries); where the CPU has AVX512F the linear layers run here too (pf_linear). Elementwise results are
- * rounded to bfloat16 exactly where the torch ops round them, so they match the eager path up to
- * the order of float32 sums; attention keeps its scores and probabilities in float32, as the
- * flash kernels do. Work is split over OpenMP threads (decode attention by token and KV head, the
- * row-wise kernels by rows): built with -fopenmp, the library uses the OpenMP runtime torch already
- * loaded, and so torch's waiting workers. Plain C that compilers vectorise, plus AVX512 dot products
- * of bfloat16 pairs: VDPBF16PS where the CPU has AVX512-BF16, both halves widened to float32 and two
- * FMAs where it has only AVX512F (bfloat16 weights then still halve the bytes a step reads, which is
- * what bounds a decode step, while torch's bfloat16 matmuls there run slower than float32).
+ * entries); where the CPU has AVX512F or AVX2 the linear layers run here too (pf_linear).
+ * Elementwise results are rounded to bfloat16 exactly where the torch ops round them, so they match
+ * the eager path up to the order of float32 sums; attention keeps its scores and probabilities in
+ * float32, as the flash kernels do. Work is split over OpenMP threads (decode attention by token and
+ * KV head, the row-wise kernels by rows): built with -fopenmp, the library uses the OpenMP runtime
+ * torch already loaded, and so torch's waiting workers. Plain C that compilers vectorise, plus dot
+ * products of bfloat16 pairs: VDPBF16PS where the CPU has AVX512-BF16; elsewhere both halves
+ * widened to float32 and two FMAs (bfloat16 weights then still halve the bytes a step reads, which
+ * is what bounds a decode step, while torch's bfloat16 matmuls there run slower than float32).
  */
 #include <math.h>
 #include <stdint.h>
@@ -311,19 +311,29 @@ void pf_decode_attention(const bf16 *qkv, int64_t row_stride, const bf16 *k_new,
     }
 }
 
-#ifdef __AVX512F__
+#if defined(__AVX512F__) || (defined(__AVX2__) && defined(__FMA__))
+#define LINEAR_KERNEL
+#endif
+
+#ifdef LINEAR_KERNEL
 /* ---- Linear layers: y [rows, n] = x [rows, k] @ W.T, W [n, k] in bfloat16 ----------------------
  *
  * W is stored blocked as [n / 16][k / 2][16][2] (see BlockedWeight in cpu_kernels.py): one 64-byte
  * load holds an input pair for 16 outputs. With AVX512-BF16, VDPBF16PS multiplies it by a broadcast
- * pair of x; with AVX512F alone, x is widened to float32 once per call (the `wide` scratch) and the
- * block's even and odd inputs in registers, two FMAs a pair. A tile is LINEAR_BLOCKS blocks of 16
- * outputs by up to LINEAR_ROWS rows: 16 float32 accumulators, each broadcast feeding two blocks. On
- * 30 layers of SmolLM2-sized random weights (cold, 16 rows, a 2-core EPYC), 2x8 tiles took 11.6 ms,
- * 1x16 15.7 ms, 4x4 12.1 ms and oneDNN's prepacked matmul 14.8 ms; bench/cpu_linear.py compares the
- * chosen tiles with oneDNN on the demo model. Products are exact and sums float32 in input order,
- * rounded once to bfloat16. */
-enum { LINEAR_BLOCKS = 2, LINEAR_ROWS = 8 };
+ * pair of x; without it (AVX512F, or AVX2 with FMA), x is widened to float32 once per call (the
+ * `wide` scratch) and the block's even and odd inputs in registers, two FMAs a pair. An AVX512 tile
+ * is LINEAR_BLOCKS blocks of 16 outputs by up to 8 rows: 16 float32 accumulators, each broadcast
+ * feeding two blocks; an AVX2 one (16 registers of 8 floats) takes its blocks one after the other,
+ * 4 rows at a time. On 30 layers of SmolLM2-sized random weights (cold, 16 rows, a 2-core EPYC),
+ * 2x8 AVX512-BF16 tiles took 11.6 ms, 1x16 15.7 ms, 4x4 12.1 ms and oneDNN's prepacked matmul
+ * 14.8 ms; bench/cpu_linear.py compares the chosen tiles with oneDNN on the demo model. Products
+ * are exact and sums float32 in input order, rounded once to bfloat16. */
+enum { LINEAR_BLOCKS = 2 };
+#ifdef __AVX512F__
+#define LINEAR_ROWS 8
+#else
+#define LINEAR_ROWS 4
+#endif
 
 #ifdef __AVX512BF16__
 typedef bf16 linear_x; /* x as the tiles read it */
@@ -336,6 +346,7 @@ typedef float linear_x;
 /* Whether pf_linear and pf_decoder_stack use their `wide` scratch (1: built without AVX512-BF16). */
 int pf_linear_widens(void) { return LINEAR_WIDENS; }
 
+#ifdef __AVX512F__
 static inline __attribute__((always_inline)) void linear_tile(const linear_x *x, int64_t x_stride, const bf16 *w,
                                                              int64_t k, bf16 *y, int64_t y_stride, const int rows) {
     int64_t pairs = k / 2, block_stride = pairs * 32;
@@ -369,6 +380,50 @@ static inline __attribute__((always_inline)) void linear_tile(const linear_x *x,
     for (int b = 0; b < LINEAR_BLOCKS; b++)
         for (int r = 0; r < rows; r++) _mm256_storeu_si256((__m256i *)(y + r * y_stride + b * 16), to_bf16_x16(acc[b][r]));
 }
+#else
+#include <immintrin.h>
+
+/* 8 float32 rounded to bfloat16, nearest even, as to_bf16. */
+static inline __m128i to_bf16_x8(__m256 v) {
+    __m256i u = _mm256_castps_si256(v);
+    __m256i odd = _mm256_and_si256(_mm256_srli_epi32(u, 16), _mm256_set1_epi32(1));
+    __m256i rounded = _mm256_srli_epi32(_mm256_add_epi32(u, _mm256_add_epi32(odd, _mm256_set1_epi32(0x7fff))), 16);
+    __m256i nan = _mm256_castps_si256(_mm256_cmp_ps(v, v, _CMP_UNORD_Q));
+    rounded = _mm256_blendv_epi8(rounded, _mm256_set1_epi32(0x7fc0), nan);
+    /* Packs within 128-bit lanes (r0-3 r0-3 | r4-7 r4-7): quadwords 0 and 2 hold r0-7. */
+    __m256i packed = _mm256_packus_epi32(rounded, rounded);
+    return _mm256_castsi256_si128(_mm256_permute4x64_epi64(packed, 0x08));
+}
+
+/* A block's 64-byte row is two vectors of 8 output pairs. */
+static inline __attribute__((always_inline)) void linear_tile(const linear_x *x, int64_t x_stride, const bf16 *w,
+                                                             int64_t k, bf16 *y, int64_t y_stride, const int rows) {
+    int64_t pairs = k / 2, block_stride = pairs * 32;
+    const __m256i high = _mm256_set1_epi32((int)0xffff0000u);
+    for (int b = 0; b < LINEAR_BLOCKS; b++) {
+        const bf16 *block = w + b * block_stride;
+        __m256 acc[2][LINEAR_ROWS];
+        for (int h = 0; h < 2; h++)
+            for (int r = 0; r < rows; r++) acc[h][r] = _mm256_setzero_ps();
+        for (int64_t j = 0; j < pairs; j++) {
+            __m256 even[2], odd[2];
+            for (int h = 0; h < 2; h++) {
+                __m256i v = _mm256_loadu_si256((const __m256i *)(block + j * 32 + h * 16));
+                even[h] = _mm256_castsi256_ps(_mm256_slli_epi32(v, 16));
+                odd[h] = _mm256_castsi256_ps(_mm256_and_si256(v, high));
+            }
+            for (int r = 0; r < rows; r++) {
+                __m256 x_even = _mm256_set1_ps(x[r * x_stride + 2 * j]), x_odd = _mm256_set1_ps(x[r * x_stride + 2 * j + 1]);
+                for (int h = 0; h < 2; h++)
+                    acc[h][r] = _mm256_fmadd_ps(x_odd, odd[h], _mm256_fmadd_ps(x_even, even[h], acc[h][r]));
+            }
+        }
+        for (int h = 0; h < 2; h++)
+            for (int r = 0; r < rows; r++)
+                _mm_storeu_si128((__m128i *)(y + r * y_stride + b * 16 + h * 8), to_bf16_x8(acc[h][r]));
+    }
+}
+#endif
 
 /* The tile with its row count a constant, so that its accumulators stay in registers. */
 static void linear_tile_rows(const linear_x *x, int64_t x_stride, const bf16 *w, int64_t k, bf16 *y,
@@ -377,7 +432,9 @@ static void linear_tile_rows(const linear_x *x, int64_t x_stride, const bf16 *w,
 #define LINEAR_TILE_CASE(R) \
     case R: linear_tile(x, x_stride, w, k, y, y_stride, R); break;
         LINEAR_TILE_CASE(1) LINEAR_TILE_CASE(2) LINEAR_TILE_CASE(3) LINEAR_TILE_CASE(4)
+#if LINEAR_ROWS > 4
         LINEAR_TILE_CASE(5) LINEAR_TILE_CASE(6) LINEAR_TILE_CASE(7) LINEAR_TILE_CASE(8)
+#endif
 #undef LINEAR_TILE_CASE
     }
 }
@@ -410,7 +467,7 @@ void pf_linear(const bf16 *x, int64_t x_stride, int64_t rows, int64_t k, const b
 }
 #endif
 
-#ifdef __AVX512F__
+#ifdef LINEAR_KERNEL
 /* ---- A whole stack of dense decoder layers in one call ------------------------------------------
  *
  * The per-op path calls the kernels above 9 times a layer from Python: at 30 layers that is about

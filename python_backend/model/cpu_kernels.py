@@ -1,6 +1,6 @@
 """Fused bfloat16 CPU kernels for the batched step, and its linear layers where the CPU has AVX512F
-(cpu_kernels.c), loaded through ctypes. There, a whole stack of dense layers also runs in one call
-(DecoderStack).
+or AVX2 (cpu_kernels.c), loaded through ctypes. There, a whole stack of dense layers also runs in
+one call (DecoderStack).
 
 The C source is compiled once per machine with the system C compiler (``cc``, for this CPU) into
 plateforme's cache and loaded from there afterwards. Without a compiler, or with
@@ -29,7 +29,7 @@ log = logging.getLogger(__name__)
 
 SOURCE = Path(__file__).with_name("cpu_kernels.c")
 # -fno-math-errno lets sqrtf inline; nothing here needs fast-math (NaN and -inf must survive).
-FLAGS = ["-O3", "-march=native", "-fno-math-errno", "-fopenmp", "-fPIC", "-shared"]
+FLAGS = ["-O3", "-fno-math-errno", "-fopenmp", "-fPIC", "-shared"]
 
 _i64, _f32, _ptr = ctypes.c_int64, ctypes.c_float, ctypes.c_void_p
 _SIGNATURES = {
@@ -39,17 +39,17 @@ _SIGNATURES = {
     "pf_silu_mul": [_ptr, _ptr, _i64, _i64, _i64],
     "pf_decode_attention": [_ptr, _i64, _ptr, _ptr, *[_ptr] * 6, *[_i64] * 6, _f32, _ptr, _i64, _ptr],
 }
-# Built only where the CPU has AVX512F; elsewhere the linear layers stay with oneDNN or torch.
+# Built only where the CPU has AVX512F or AVX2; elsewhere the linear layers stay with oneDNN or torch.
 _LINEAR_SIGNATURE = ("pf_linear", [_ptr, _i64, _i64, _i64, _ptr, _i64, _ptr, _ptr, _i64])
 _STACK_SIGNATURE = ("pf_decoder_stack", [_ptr, *[_i64] * 7, *[_ptr] * 9, *[_i64] * 3, _f32, _ptr, _ptr, _ptr, _i64])
 # Output blocks of 16, taken two at a time (cpu_kernels.c), and input pairs.
 LINEAR_OUT_MULTIPLE, LINEAR_IN_MULTIPLE = 32, 2
 
 
-def _machine_key() -> str:
+def _machine_key(march: str) -> str:
     """What the compiled library depends on: the source, the flags, the compiler and this CPU."""
     digest = hashlib.sha256(SOURCE.read_bytes())
-    digest.update(" ".join(FLAGS).encode())
+    digest.update(" ".join([f"-march={march}", *FLAGS]).encode())
     digest.update(subprocess.run(["cc", "--version"], capture_output=True, check=True).stdout)
     cpuinfo = Path("/proc/cpuinfo")
     if cpuinfo.exists():
@@ -58,15 +58,16 @@ def _machine_key() -> str:
     return digest.hexdigest()[:16]
 
 
-def _compile() -> Path:
-    target = home() / "cpu_kernels" / f"cpu_kernels-{_machine_key()}.so"
+def _compile(march: str) -> Path:
+    target = home() / "cpu_kernels" / f"cpu_kernels-{_machine_key(march)}.so"
     if target.exists():
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
     # Built beside the target and renamed into place: concurrent loaders never see half a library.
     with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
         built = Path(tmp) / target.name
-        result = subprocess.run(["cc", *FLAGS, "-o", str(built), str(SOURCE), "-lm"], capture_output=True, text=True)
+        result = subprocess.run(["cc", f"-march={march}", *FLAGS, "-o", str(built), str(SOURCE), "-lm"],
+                                capture_output=True, text=True)
         if result.returncode != 0:
             raise RuntimeError(f"cc failed on {SOURCE.name}: {result.stderr.strip()[:2000]}")
         os.replace(built, target)
@@ -98,7 +99,7 @@ class BlockedWeight(RepackedWeight):
 
 
 def _optional_function(library: ctypes.CDLL, name: str, argtypes: list):
-    """A function the library has only where the CPU has AVX512F; None elsewhere."""
+    """A function the library has only where the CPU has AVX512F or AVX2; None elsewhere."""
     function = getattr(library, name, None)
     if function is not None:
         function.argtypes, function.restype = argtypes, None
@@ -203,11 +204,11 @@ class CpuKernels:
 
     @property
     def has_linear(self) -> bool:
-        """Whether the library has the linear kernel (built where the CPU has AVX512F)."""
+        """Whether the library has the linear kernel (built where the CPU has AVX512F or AVX2)."""
         return self._linear is not None
 
     def blocked_weight(self, weight: torch.Tensor) -> BlockedWeight | None:
-        """``weight`` [out, in] for the linear kernel; None where that does not run it (no AVX512F,
+        """``weight`` [out, in] for the linear kernel; None where that does not run it (no AVX512F/AVX2,
         not bfloat16, or sizes that are not multiples of its blocks)."""
         if not self.has_linear or weight.dtype != torch.bfloat16 or weight.dim() != 2 or weight.device.type != "cpu":
             return None
@@ -264,16 +265,22 @@ class CpuKernels:
         )
 
 
+def build(march: str = "native") -> CpuKernels:
+    """The kernels compiled for ``march`` (cc's -march: this CPU, or an older instruction set such as
+    x86-64-v3, AVX2, to test that build); raises where they cannot be."""
+    return CpuKernels(ctypes.CDLL(str(_compile(march))))
+
+
 @lru_cache(maxsize=1)
 def load() -> CpuKernels | None:
-    """The kernels, compiled on first use; None where they cannot be (reason logged)."""
+    """The kernels for this CPU, compiled on first use; None where they cannot be (reason logged)."""
     if os.environ.get("PLATEFORME_CPU_KERNELS", "1") == "0":
         return None
     if shutil.which("cc") is None:
         log.info("no C compiler (cc): the model runs its torch ops")
         return None
     try:
-        return CpuKernels(ctypes.CDLL(str(_compile())))
+        return build()
     except (OSError, RuntimeError, subprocess.SubprocessError) as exc:
         log.warning("CPU kernels unavailable, the model runs its torch ops: %s", exc)
         return None

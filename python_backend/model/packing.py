@@ -9,6 +9,8 @@ The packed copy adds the weights' size in memory; the original weights stay (vie
 """
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 import torch.nn.functional as F
 
@@ -48,6 +50,15 @@ class PackedWeight(RepackedWeight):
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         return torch.ops.mkldnn._linear_pointwise(x.contiguous(), self.packed, None, "none", [], "")
+
+
+def pack_into(packed: dict[str, RepackedWeight], weights: dict[str, torch.Tensor | None],
+              repack: Callable[[torch.Tensor], RepackedWeight | None]) -> None:
+    """``packed[name] = repack(weight)`` for each weight there is and that ``repack`` takes."""
+    for name, weight in weights.items():
+        copy = repack(weight) if weight is not None else None
+        if copy is not None:
+            packed[name] = copy
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, packed: RepackedWeight | None) -> torch.Tensor:

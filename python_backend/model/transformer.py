@@ -14,7 +14,7 @@ from . import cpu_kernels
 from .cache import KVCache
 from .cpu_kernels import BlockedWeight, CpuKernels, DecoderStack, StackLayer
 from .moe import MoeLayer
-from .packing import PackedWeight, RepackedWeight, linear, packing_available
+from .packing import PackedWeight, RepackedWeight, linear, pack_into, packing_available
 from .rope import rope_cos_sin
 
 
@@ -51,11 +51,10 @@ class FeedForward(nn.Module):
         self.w1.weight.data, self.w3.weight.data = fused[:hidden], fused[hidden:]
         self.w13 = fused
 
-    def pack(self, repack: Callable[[torch.Tensor], RepackedWeight]) -> None:
-        """Repacked copies (see Transformer.pack_weights) of the fused gate/up weight and of w2."""
-        if self.w13 is not None:
-            self.packed["w13"] = repack(self.w13)
-        self.packed["w2"] = repack(self.w2.weight)
+    def pack(self, repack: Callable[[torch.Tensor], RepackedWeight | None]) -> None:
+        """Repacked copies (see Transformer.pack_weights) of the fused gate/up weight and of w2, where
+        ``repack`` makes one."""
+        pack_into(self.packed, {"w13": self.w13, "w2": self.w2.weight}, repack)
 
     def fused_weight_current(self) -> bool:
         """Whether the fused gate/up weight serves: only while w1 still points into it (as
@@ -205,24 +204,29 @@ class Transformer(nn.Module):
         return list(ffn.experts) if self.device.type == "cpu" else []
 
     def pack_weights(self) -> bool:
-        """Repacked copies of the dense layers' weights and of the output projection, on CPU in float32,
-        or bfloat16 where it is native: for the CPU kernels' linear (cpu_kernels.py) where they have
-        it, for oneDNN (packing.py) otherwise. False (nothing done) elsewhere. MoE experts only for
-        the linear kernel (a dtype it halves the bytes of; oneDNN's float32 copy would double the
-        experts' memory for little). After use_cpu_kernels(), so that the kernels' layout is used."""
-        if not packing_available(self.dtype, self.device):
-            return False
+        """Repacked copies of the dense layers' weights and of the output projection, on CPU: for the CPU
+        kernels' linear (cpu_kernels.py, bfloat16) where they have it, for oneDNN (packing.py; float32,
+        or bfloat16 where it is native) otherwise. False (nothing done) where neither runs. MoE experts
+        only for the linear kernel (oneDNN's float32 copy would double the experts' memory for
+        little). After use_cpu_kernels(), so that the kernels' layout is used."""
         kernels = self.cpu_kernels
+        on_kernel = kernels is not None and kernels.has_linear
+        # oneDNN's bf16 needs AVX512 (an AVX2 CPU has the kernel's linear and not it).
+        on_onednn = packing_available(self.dtype, self.device)
+        if not (on_kernel or on_onednn):
+            return False
 
-        def repack(weight: torch.Tensor) -> RepackedWeight:
-            blocked = kernels.blocked_weight(weight) if kernels is not None else None
-            return blocked if blocked is not None else PackedWeight(weight)
+        def repack(weight: torch.Tensor) -> RepackedWeight | None:
+            blocked = kernels.blocked_weight(weight) if on_kernel else None
+            if blocked is not None:
+                return blocked
+            return PackedWeight(weight) if on_onednn else None
 
         for layer in self.layers:
             layer.attention.pack(repack)
             if isinstance(layer.feed_forward, FeedForward):
                 layer.feed_forward.pack(repack)
-            elif kernels is not None and kernels.has_linear:
+            elif on_kernel:
                 for expert in self._fusable_feed_forwards(layer):
                     expert.pack(kernels.blocked_weight)
         self.packed_output = repack(self.output.weight)
