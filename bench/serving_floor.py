@@ -141,7 +141,7 @@ def main() -> int:
     load_before = os.getloadavg()
     names = ("ours", "floor", "floor, evicting")
     figures: dict[str, list[float]] = {name: [] for name in names}
-    # The engine's dtype here (auto: bfloat16 where the CPU has AVX512-BF16 or our kernels run on AVX512F, else float32).
+    # The engine's dtype here (auto: bfloat16 with AVX512-BF16, or with AVX512F for our kernels; else float32).
     dtype = resolve_dtype("auto")
     sweep_bytes = DEMO_PARAMETERS * dtype.itemsize
     with tempfile.TemporaryDirectory(prefix="plateforme-floor-") as tmp:

@@ -181,8 +181,8 @@ class DecoderStack:
             ctypes.addressof(self._structs), len(self.layers), n, self.dim, self.n_heads, self.n_kv_heads,
             self.head_dim, self.hidden, h.data_ptr(), normed.data_ptr(), cos.data_ptr(), sin.data_ptr(),
             kv.data_ptr(), positions.data_ptr(), rows.data_ptr(), slots.data_ptr(), query_pos.data_ptr(),
-            kv.shape[2], capacity, window or 0, self.head_dim**-0.5, work.data_ptr(), scratch.data_ptr(), wide.data_ptr(),
-            threads,
+            kv.shape[2], capacity, window or 0, self.head_dim**-0.5, work.data_ptr(), scratch.data_ptr(),
+            wide.data_ptr(), threads,
         )
 
 
