@@ -480,8 +480,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="serve this endpoint with a TensorRT-LLM engine (backend tensorrtllm) instead of the "
                         "PyTorch engine")
     p.add_argument("--dtype", default="auto", choices=["auto", "bfloat16", "float16", "float32"],
-                   help="PyTorch engine dtype (default auto: bfloat16 on GPUs and CPUs with native bf16, "
-                        "else float32)")
+                   help="PyTorch engine dtype (default auto: bfloat16 on GPUs, on CPUs with native bf16 and "
+                        "on AVX512F CPUs where its CPU kernels compile; else float32)")
     p.add_argument("--max-batch-size", type=int, default=16,
                    help="Triton max_batch_size; for the PyTorch engine also the in-flight batch (default 16)")
     p.add_argument("--max-num-tokens", type=int, default=512,

@@ -19,8 +19,8 @@ _TUNED_ROWS = 16
 
 
 def packing_available(dtype: torch.dtype, device: torch.device) -> bool:
-    """float32 on any CPU with oneDNN; bfloat16 where oneDNN computes it natively (AVX512 and up),
-    which is where dtype "auto" picks it."""
+    """float32 on any CPU with oneDNN; bfloat16 where oneDNN takes it (AVX512 and up: natively with
+    AVX512-BF16 or AMX, emulated and slower than float32 without)."""
     if device.type != "cpu" or not torch.backends.mkldnn.is_available():
         return False
     return dtype == torch.float32 or (dtype == torch.bfloat16 and torch.ops.mkldnn._is_mkldnn_bf16_supported())
