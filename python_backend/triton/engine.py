@@ -12,8 +12,11 @@ import threading
 import time
 import traceback
 import uuid
+from collections.abc import Callable
 from concurrent.futures import Future
 from dataclasses import dataclass, field
+from functools import partial
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -26,6 +29,9 @@ from plateforme.python_backend.engine import Engine, StepOutput
 from plateforme.python_backend.errors import EngineBusy
 from plateforme.python_backend.sampling import SamplingParams
 from plateforme.python_backend.triton import tensors as t
+
+if TYPE_CHECKING:
+    from plateforme.python_backend.guided import Guide
 
 FINAL = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
 # Every sequence gets a whole KV cache slot before it starts, so no policy ever evicts: both of
@@ -117,6 +123,8 @@ class _Request:
     sequences: dict[int, _Returned] = field(default_factory=dict)  # by sequence_index
     unfinished: int = 1  # sequences still generating: the last one's response is the final one
     disconnected: bool = False  # the client cancelled it (as last polled)
+    # Compiles params.guide: run by the engine thread (see _loop), as everything that runs torch ops.
+    compile_guide: Callable[[], Guide] | None = None
 
 
 @dataclass
@@ -225,9 +233,10 @@ class TritonPythonModel:
         if guide and not guide_type:
             raise t.InputError("guided_decoding_guide needs guided_decoding_guide_type "
                                "(json, json_schema, regex or ebnf_grammar)")
+        compile_guide = None
         if guide_type:
-            budget = min(params.max_tokens, self.engine.max_seq_len - length)
-            params.guide = self._guide_compiler().compile(guide_type, guide, max_tokens=max(budget, 2))
+            budget = max(min(params.max_tokens, self.engine.max_seq_len - length), 2)
+            compile_guide = partial(self._compile_guide, guide_type, guide, budget)
         parsed = _Request(
             key=uuid.uuid4().hex,
             client_id=request.request_id(),
@@ -239,25 +248,27 @@ class TritonPythonModel:
             outputs=frozenset(request.requested_output_names()),
             sequences={i: _Returned() for i in range(num_sequences)},
             unfinished=num_sequences,
+            compile_guide=compile_guide,
         )
         # The one output tensor no other request shares: made now rather than after the model step,
         # which leaves every CPU cache cold.
         self.tensors.tensor("engine_request_id", parsed.key, lambda: _request_id_array(parsed.key))
         return parsed
 
-    def _guide_compiler(self):
+    def _compile_guide(self, guide_type: str, guide: str | None, max_tokens: int) -> Guide:
         if self._guides is None:
             from plateforme.python_backend.guided import GuideCompiler
 
             self._guides = GuideCompiler(self.model_dir, self.engine.vocab_size)
-        return self._guides
+        return self._guides.compile(guide_type, guide, max_tokens=max_tokens)
 
     # -- the engine thread -------------------------------------------------------------
     def _loop(self, build_engine, built: Future):
         # The engine is built, and runs, on this thread alone: no other thread of this process starts
         # an OpenMP team. With more OpenMP threads than CPUs, libgomp cuts its workers' spin-wait
         # short and each parallel region pays a wake-up: a second team, made by loading the model
-        # on the main thread, slowed decode steps by about 1.4x (306 -> 221 tok/s in process).
+        # on the main thread, slowed decode steps by about 1.4x (306 -> 221 tok/s in process), and
+        # so did compiling a guide (torch ops) in execute(), from the first guided request on.
         try:
             self.engine = build_engine()
         except BaseException as exc:
@@ -299,6 +310,8 @@ class TritonPythonModel:
                         self.engine.cancel(request.key)
                 continue
             try:
+                if item.compile_guide is not None:
+                    item.params.guide = item.compile_guide()
                 self.engine.add_request(item.key, item.prompt, item.params, num_sequences=len(item.sequences))
             except (ValueError, EngineBusy) as exc:
                 item.sender.send(t.error_response(exc), flags=FINAL)
