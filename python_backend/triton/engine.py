@@ -6,6 +6,7 @@ all engine state on one thread and lets the engine batch in-flight requests.
 """
 from __future__ import annotations
 
+import gc
 import json
 import queue
 import threading
@@ -192,6 +193,12 @@ class TritonPythonModel:
         self.running = False
         self.inbox.put(None)
         self.worker.join(timeout=30)
+        if not self.worker.is_alive():
+            # Metric families freed now, while the stub's shared memory is still there: left to the
+            # stub's own teardown, their destructors wrote to it after it was gone (a segfault in
+            # the log on shutdown).
+            self.metrics = None
+            gc.collect()
 
     # -- request parsing ---------------------------------------------------------------
     def _parse(self, request, inputs: dict, sender) -> _Request:
