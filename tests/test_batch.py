@@ -78,6 +78,23 @@ def test_kernel_plan_takes_prompt_tokens_only_where_their_entries_are_fresh(tiny
     assert [index for index, *_ in plan.prefill] == [1]
 
 
+def test_kernel_plan_leaves_prompt_tokens_past_its_limit_to_sdpa(tiny_mixtral_dir):
+    """The kernels' attention goes token by token: prompt tokens past KERNEL_PROMPT_POSITIONS (256) go
+    through SDPA, which multiplies matrices (decode tokens stay on the kernels)."""
+    model = load_model(tiny_mixtral_dir, dtype=torch.float32)  # no sliding window
+    cache = model.new_slot_cache(2, 1024)
+    slots = [cache.allocate() for _ in range(2)]
+    plan = BatchPlan([Segment(slots[0], 0, 200), Segment(slots[1], 0, 300)], cache, torch.device("cpu"),
+                     kernel_attention=True)
+    assert plan.kernel_rows.tolist() == list(range(200))
+    assert [index for index, *_ in plan.prefill] == [1]
+    # The first prompt's next chunk ends past the limit; the second one decodes.
+    plan = BatchPlan([Segment(slots[0], 200, 60), Segment(slots[1], 300, 1)], cache, torch.device("cpu"),
+                     kernel_attention=True)
+    assert plan.kernel_rows.tolist() == [60] and plan.kernel_query_pos.tolist() == [300]
+    assert [index for index, *_ in plan.prefill] == [0]
+
+
 def test_released_slot_is_reused_cleanly(model):
     cache = model.new_slot_cache(1, 64)
     with torch.inference_mode():
