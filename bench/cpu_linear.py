@@ -26,10 +26,11 @@ import torch
 
 from plateforme.builders.assets import prepare_assets
 from plateforme.python_backend.model import cpu_kernels, load_model
+from plateforme.python_backend.model.cpu_kernels import native_bf16
 from plateforme.python_backend.model.packing import PackedWeight
 
 # bench/results.py: bench/ is on sys.path when this file runs as a script.
-from results import RESULTS, cpu_facts, native_bf16, record
+from results import RESULTS, cpu_facts, record
 
 SECTION = "## bfloat16 linear kernel on CPU (bench/cpu_linear.py)"
 ROWS = (1, 4, 16, 64, 256)

@@ -50,12 +50,13 @@ from plateforme.builders.assets import prepare_assets
 from plateforme.builders.repository import SEPARATE_PREFILL_CHOICES, ChatEndpoint, render_repository
 from plateforme.python_backend.context import context_length
 from plateforme.python_backend.engine import Engine, resolve_dtype
+from plateforme.python_backend.model.cpu_kernels import native_bf16
 from plateforme.python_backend.sampling import SamplingParams
 from plateforme.python_backend.tokenization import Tokenizer, load_tokenizer
 from plateforme.server import ServerConfig, TritonServer, free_port
 
 # bench/results.py: bench/ is on sys.path when this file runs as a script.
-from results import RESULTS, cpu_facts, native_bf16, record
+from results import RESULTS, cpu_facts, record
 
 ENDPOINT = "mistral-tiny"
 MAX_BATCH_SIZE = 16

@@ -4,6 +4,8 @@ from __future__ import annotations
 import platform
 from pathlib import Path
 
+from plateforme.python_backend.model.cpu_kernels import cpu_flags
+
 RESULTS = Path(__file__).with_name("RESULTS.md")
 
 
@@ -19,15 +21,11 @@ def record(section: str, command: str, title: str, lines: list[str]) -> None:
     RESULTS.write_text(text[:end].rstrip("\n") + "\n" + entry + ("\n" + text[end:] if end < len(text) else ""))
 
 
-def native_bf16() -> bool:
-    """Whether this CPU multiplies bfloat16 natively (torch's bf16 matmuls run fast here)."""
-    return bool({"avx512_bf16", "amx_bf16"} & set(Path("/proc/cpuinfo").read_text().split()))
-
-
 def cpu_facts() -> tuple[str, str]:
+    """This CPU's model name, and which of the flags that set the engine's dtype and kernels it has."""
     text = Path("/proc/cpuinfo").read_text()
     model = next((line.split(":", 1)[1].strip() for line in text.splitlines() if line.startswith("model name")),
                  platform.processor())
-    flags = set(next((line.split(":", 1)[1] for line in text.splitlines() if line.startswith("flags")), "").split())
+    flags = cpu_flags()
     shown = ", ".join(f"{f} {'yes' if f in flags else 'no'}" for f in ("avx2", "avx512f", "avx512_bf16", "amx_bf16"))
     return model, shown

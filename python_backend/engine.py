@@ -44,15 +44,10 @@ def resolve_dtype(name: str, device: str | torch.device = "cpu") -> torch.dtype:
         return _DTYPES[name]
     if torch.device(device).type == "cuda":
         return torch.bfloat16
-    try:
-        with open("/proc/cpuinfo") as handle:
-            flags = set(handle.read().split())
-    except OSError:
-        flags = set()
-    if flags & {"avx512_bf16", "amx_bf16"}:
+    if cpu_kernels.native_bf16():
         return torch.bfloat16
     # With AVX2 alone the kernels' bf16 linears win at decode but lose at prefill (measured): float32.
-    kernels = cpu_kernels.load() if "avx512f" in flags else None
+    kernels = cpu_kernels.load() if "avx512f" in cpu_kernels.cpu_flags() else None
     return torch.bfloat16 if kernels is not None and kernels.has_linear else torch.float32
 
 

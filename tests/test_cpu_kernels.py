@@ -1,8 +1,6 @@
 """The fused bfloat16 CPU kernels against the torch ops they replace, alone and inside the model."""
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
 import torch
 import torch.nn.functional as F
@@ -101,7 +99,7 @@ def test_decode_attention_writes_the_cache_and_matches_the_reference(kernels, he
     assert not out.isnan().any()  # never-written (NaN) entries were not read
 
 
-CPU_FLAGS = set(Path("/proc/cpuinfo").read_text().split()) if Path("/proc/cpuinfo").exists() else set()
+CPU_FLAGS = cpu_kernels.cpu_flags()
 
 
 @pytest.fixture(scope="module")
@@ -297,8 +295,7 @@ def test_switched_off_the_model_runs_its_torch_ops(monkeypatch, tiny_mistral_dir
             out = model.forward_batch(torch.tensor([5, 6, 7]), [Segment(cache.allocate(), 0, 3)], cache)
         assert out.shape == (1, model.args.vocab_size) and out.isfinite().all()
         # dtype auto: bfloat16 without the kernels only where the CPU multiplies it natively.
-        native = bool({"avx512_bf16", "amx_bf16"} & CPU_FLAGS)
-        assert resolve_dtype("auto") == (BF16 if native else torch.float32)
+        assert resolve_dtype("auto") == (BF16 if cpu_kernels.native_bf16() else torch.float32)
     finally:
         cpu_kernels.load.cache_clear()
 

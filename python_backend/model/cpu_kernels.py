@@ -46,6 +46,26 @@ _STACK_SIGNATURE = ("pf_decoder_stack", [_ptr, *[_i64] * 7, *[_ptr] * 9, *[_i64]
 LINEAR_OUT_MULTIPLE, LINEAR_IN_MULTIPLE = 32, 2
 
 
+# CPU flags with which torch's (oneDNN's) bfloat16 matmuls run natively.
+NATIVE_BF16_FLAGS = frozenset({"avx512_bf16", "amx_bf16"})
+
+
+@lru_cache(maxsize=1)
+def cpu_flags() -> frozenset[str]:
+    """This CPU's feature flags (/proc/cpuinfo's "flags" line; empty where there is none)."""
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return frozenset()
+    line = next((line for line in text.splitlines() if line.startswith("flags")), "")
+    return frozenset(line.partition(":")[2].split())
+
+
+def native_bf16() -> bool:
+    """Whether this CPU multiplies bfloat16 natively (AVX512-BF16 or AMX)."""
+    return bool(NATIVE_BF16_FLAGS & cpu_flags())
+
+
 def _machine_key(march: str) -> str:
     """What the compiled library depends on: the source, the flags, the compiler and this CPU."""
     digest = hashlib.sha256(SOURCE.read_bytes())
