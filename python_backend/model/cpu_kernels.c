@@ -159,18 +159,20 @@ static float softmax_in_place(float *scores, int64_t n) {
 #ifdef __AVX512F__
 #include <immintrin.h>
 
+/* The low and the high bfloat16 of each 32-bit lane's pair as float32: a bfloat16 is the top half of
+ * a float32, so shifting the low value up and masking the high one widens both exactly. */
+static inline __m512 pair_low(__m512i v) { return _mm512_castsi512_ps(_mm512_slli_epi32(v, 16)); }
+static inline __m512 pair_high(__m512i v) {
+    return _mm512_castsi512_ps(_mm512_and_si512(v, _mm512_set1_epi32((int)0xffff0000u)));
+}
+
 /* acc + the products of 16 pairs of bfloat16 (a and b: 32 values, a pair in each 32-bit lane), float32
- * sums. Without AVX512-BF16: a bfloat16 is the top half of a float32, so shifting the pair's low value
- * up and masking its high one widens both exactly. */
+ * sums: VDPBF16PS, or both halves widened and two FMAs. */
 static inline __m512 dot_pairs(__m512 acc, __m512i a, __m512i b) {
 #ifdef __AVX512BF16__
     return _mm512_dpbf16_ps(acc, (__m512bh)a, (__m512bh)b);
 #else
-    const __m512i high = _mm512_set1_epi32((int)0xffff0000u);
-    acc = _mm512_fmadd_ps(_mm512_castsi512_ps(_mm512_slli_epi32(a, 16)), _mm512_castsi512_ps(_mm512_slli_epi32(b, 16)),
-                          acc);
-    return _mm512_fmadd_ps(_mm512_castsi512_ps(_mm512_and_si512(a, high)), _mm512_castsi512_ps(_mm512_and_si512(b, high)),
-                           acc);
+    return _mm512_fmadd_ps(pair_high(a), pair_high(b), _mm512_fmadd_ps(pair_low(a), pair_low(b), acc));
 #endif
 }
 
@@ -357,11 +359,10 @@ static inline __attribute__((always_inline)) void linear_tile(const linear_x *x,
         __m512i wv[LINEAR_BLOCKS];
         for (int b = 0; b < LINEAR_BLOCKS; b++) wv[b] = _mm512_loadu_si512(w + b * block_stride + j * 32);
 #if LINEAR_WIDENS
-        const __m512i high = _mm512_set1_epi32((int)0xffff0000u);
         __m512 even[LINEAR_BLOCKS], odd[LINEAR_BLOCKS];
         for (int b = 0; b < LINEAR_BLOCKS; b++) {
-            even[b] = _mm512_castsi512_ps(_mm512_slli_epi32(wv[b], 16));
-            odd[b] = _mm512_castsi512_ps(_mm512_and_si512(wv[b], high));
+            even[b] = pair_low(wv[b]);
+            odd[b] = pair_high(wv[b]);
         }
         for (int r = 0; r < rows; r++) {
             __m512 x_even = _mm512_set1_ps(x[r * x_stride + 2 * j]), x_odd = _mm512_set1_ps(x[r * x_stride + 2 * j + 1]);
